@@ -1,0 +1,1 @@
+//! The vfio-user wire format (placeholder until the protocol crate lands).

@@ -1,0 +1,1 @@
+//! vdevd server library (session, sockets, dispatch).

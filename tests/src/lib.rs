@@ -1,0 +1,1 @@
+//! Wire-level vfio-user test client for black-box tests.
