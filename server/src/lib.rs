@@ -7,6 +7,7 @@
 
 pub mod error;
 pub mod listener;
+pub mod messenger;
 pub mod wire;
 
 #[cfg(test)]
