@@ -5,9 +5,12 @@
 //! vfio-user commands to a [`vdevd_devices::Device`], and the command line
 //! and configuration file.
 
+pub mod cli;
 pub mod error;
+pub mod kinds;
 pub mod listener;
 pub mod messenger;
+pub mod options;
 pub mod wire;
 
 #[cfg(test)]
