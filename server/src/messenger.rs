@@ -74,13 +74,9 @@ pub enum DmaReply<'a> {
         /// Data in the reply.
         data: &'a [u8],
     },
-    /// Successful DMA_WRITE reply.
-    Write {
-        /// Address in the reply.
-        iova: u64,
-        /// Count in the reply.
-        count: u64,
-    },
+    /// Successful DMA_WRITE reply, with the address and count it echoes
+    /// (older clients echo nothing).
+    Write(Option<(u64, u64)>),
     /// Error reply with this errno.
     Error(u32),
 }
@@ -202,17 +198,18 @@ impl Messenger {
     }
 
     /// Requests waiting to be sent, at most `max` of them (the device
-    /// thread takes fewer when its output queue is full). Clears the wake
-    /// eventfd when nothing is left, and re-arms it otherwise.
+    /// thread takes fewer when its output queue is full, and comes back for
+    /// the rest when it drains). Clears the wake eventfd.
     pub fn take_requests(&self, max: usize) -> Vec<DmaRequest> {
         let mut s = self.lock();
         let _ = self.wake.read();
         let n = max.min(s.queue.len());
-        let out: Vec<DmaRequest> = s.queue.drain(..n).collect();
-        if !s.queue.is_empty() {
-            let _ = self.wake.write(1);
-        }
-        out
+        s.queue.drain(..n).collect()
+    }
+
+    /// Requests waiting to be sent.
+    pub fn queued(&self) -> usize {
+        self.lock().queue.len()
     }
 
     /// Number of requests sent or queued and not yet answered.
@@ -232,7 +229,7 @@ impl Messenger {
             };
             let matches_kind = match reply {
                 DmaReply::Read { .. } => !is_write,
-                DmaReply::Write { .. } => is_write,
+                DmaReply::Write(_) => is_write,
                 DmaReply::Error(_) => true,
             };
             if !matches_kind {
@@ -266,7 +263,8 @@ impl Messenger {
                     Ok(data.to_vec())
                 }
             }
-            DmaReply::Write { iova, count } => {
+            DmaReply::Write(None) => Ok(Vec::new()),
+            DmaReply::Write(Some((iova, count))) => {
                 if iova != pending.iova || count != pending.len {
                     Err(DmaError::Message(format!(
                         "DMA_WRITE reply for {iova:#x}+{count:#x} does not match the request {:#x}+{:#x}",
@@ -497,14 +495,8 @@ mod tests {
                             log.lock().unwrap().push((r.iova, data.len()));
                             let a = r.iova as usize;
                             mem[a..a + data.len()].copy_from_slice(&data);
-                            m.complete(
-                                r.id,
-                                DmaReply::Write {
-                                    iova: r.iova,
-                                    count: data.len() as u64,
-                                },
-                            )
-                            .unwrap();
+                            m.complete(r.id, DmaReply::Write(Some((r.iova, data.len() as u64))))
+                                .unwrap();
                         }
                     }
                 }
@@ -613,13 +605,7 @@ mod tests {
         };
         assert_eq!(req.op, DmaOp::Read { len: 4 });
         assert_eq!(
-            m.complete(
-                req.id,
-                DmaReply::Write {
-                    iova: 0x40,
-                    count: 4
-                }
-            ),
+            m.complete(req.id, DmaReply::Write(Some((0x40, 4)))),
             Err(ReplyMismatch::WrongCommand)
         );
         // wrong length: the waiter gets an error, the reply is consumed
@@ -728,22 +714,21 @@ mod tests {
     }
 
     #[test]
-    fn take_requests_respects_its_limit_and_keeps_the_wakeup() {
+    fn take_requests_respects_its_limit_and_clears_the_wakeup() {
         let m = Arc::new(Messenger::new(Duration::from_millis(200)).unwrap());
         m.connect(1);
         let w = {
             let m = m.clone();
             std::thread::spawn(move || m.write(0, &[0; 3]))
         };
-        while m.lock().queue.len() < 3 {
+        while m.queued() < 3 {
             std::thread::sleep(Duration::from_millis(1));
         }
         assert_eq!(m.take_requests(2).len(), 2);
-        // still readable: one request left
-        assert_eq!(m.wake.read().unwrap(), 1);
-        m.wake.write(1).unwrap();
-        assert_eq!(m.take_requests(5).len(), 1);
         assert!(m.wake.read().is_err(), "no wakeup left");
+        assert_eq!(m.queued(), 1);
+        assert_eq!(m.take_requests(5).len(), 1);
+        assert_eq!(m.queued(), 0);
         assert!(w.join().unwrap().is_err()); // nobody answered
     }
 }

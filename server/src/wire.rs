@@ -68,7 +68,7 @@ fn cmsg_space(n: usize) -> usize {
 }
 
 /// A control buffer aligned for `cmsghdr`.
-fn cmsg_buffer(n: usize) -> Vec<u64> {
+pub(crate) fn cmsg_buffer(n: usize) -> Vec<u64> {
     vec![0u64; cmsg_space(n).div_ceil(8)]
 }
 
@@ -101,6 +101,11 @@ impl Stats {
         counter.fetch_add(n, Ordering::Relaxed);
     }
 
+    /// Add one to a counter.
+    pub fn bump(counter: &AtomicU64) {
+        Stats::add(counter, 1);
+    }
+
     /// Read a counter.
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
@@ -109,7 +114,7 @@ impl Stats {
 
 /// Receive into `buf`, with descriptors. Returns the byte count, the
 /// descriptors (close-on-exec) and whether the kernel truncated them.
-fn recv_with_fds(
+pub(crate) fn recv_with_fds(
     sock: BorrowedFd<'_>,
     buf: &mut [u8],
     cmsg: &mut [u64],
@@ -184,7 +189,7 @@ fn recv_with_fds(
 }
 
 /// Send `iov` in one `sendmsg`, with `fds` attached. Returns bytes sent.
-fn send_with_fds(
+pub(crate) fn send_with_fds(
     sock: BorrowedFd<'_>,
     iov: &[IoSlice<'_>],
     fds: &[RawFd],
