@@ -124,6 +124,15 @@ pub enum Error {
     /// DEVICE_FEATURE for a feature index the protocol does not define.
     #[error("DEVICE_FEATURE: unknown feature {0}")]
     UnknownFeature(u16),
+    /// A field whose value the protocol does not define (e.g. an unknown
+    /// migration state, a page size that is not a power of two).
+    #[error("{what}: invalid value {value:#x}")]
+    Value {
+        /// The field.
+        what: &'static str,
+        /// Its value.
+        value: u64,
+    },
     /// A malformed region capability chain.
     #[error("region info capability at offset {offset}: {reason}")]
     CapChain {

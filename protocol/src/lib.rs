@@ -14,6 +14,10 @@
 //!   with [`Fit`], whether the full payload fitted.
 //! * A client encodes requests with [`Request::encode`] and parses replies
 //!   with [`parse_reply`].
+//! * Server-to-client requests (DMA_READ, DMA_WRITE) are
+//!   [`ServerRequest`]s; the client parses them with
+//!   [`parse_server_request`], the server parses the replies with
+//!   [`parse_dma_reply`].
 //!
 //! No I/O, no `unsafe`, no panics on any input: every length from the peer
 //! is checked, nothing is allocated based on a count the peer sent beyond
@@ -26,6 +30,7 @@
 
 pub mod dma;
 mod error;
+pub mod feature;
 pub mod header;
 pub mod info;
 pub mod irq;
@@ -35,8 +40,16 @@ pub mod version;
 pub mod vfio;
 mod wire;
 
-pub use dma::{DmaMap, DmaUnmap, DmaUnmapReply, UnmapKind};
+pub use dma::{
+    DmaAccess, DmaData, DmaMap, DmaReply, DmaUnmap, DmaUnmapReply, ServerRequest, UnmapKind,
+    parse_dma_reply, parse_server_request,
+};
 pub use error::Error;
+pub use feature::{
+    DeviceFeature, DeviceFeatureReply, DmaLoggingRange, DmaLoggingReport, DmaLoggingStart,
+    FeatureReply, FeatureRequest, MigDataRead, MigDataReadReply, MigDataWrite, MigDeviceState,
+    MigState,
+};
 pub use header::{
     Command, Direction, HEADER_SIZE, Header, MessageKind, command_message, reply_message,
 };

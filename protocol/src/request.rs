@@ -3,6 +3,9 @@
 
 use crate::Error;
 use crate::dma::{DmaMap, DmaUnmap, DmaUnmapReply};
+use crate::feature::{
+    DeviceFeature, DeviceFeatureReply, MigDataRead, MigDataReadReply, MigDataWrite,
+};
 use crate::header::{Command, Direction};
 use crate::info::{
     DeviceInfo, DeviceInfoRequest, IrqInfo, IrqInfoRequest, RegionInfo, RegionInfoReply,
@@ -41,6 +44,12 @@ pub enum Request<'a> {
     DeviceReset,
     /// VFIO_USER_REGION_WRITE_MULTI.
     RegionWriteMulti(WriteMulti<'a>),
+    /// VFIO_USER_DEVICE_FEATURE.
+    DeviceFeature(DeviceFeature),
+    /// VFIO_USER_MIG_DATA_READ.
+    MigDataRead(MigDataRead),
+    /// VFIO_USER_MIG_DATA_WRITE.
+    MigDataWrite(MigDataWrite<'a>),
 }
 
 impl Request<'_> {
@@ -59,6 +68,9 @@ impl Request<'_> {
             Request::RegionWrite(_) => Command::RegionWrite,
             Request::DeviceReset => Command::DeviceReset,
             Request::RegionWriteMulti(_) => Command::RegionWriteMulti,
+            Request::DeviceFeature(_) => Command::DeviceFeature,
+            Request::MigDataRead(_) => Command::MigDataRead,
+            Request::MigDataWrite(_) => Command::MigDataWrite,
         }
     }
 
@@ -77,6 +89,9 @@ impl Request<'_> {
             Request::RegionWrite(w) => w.encode(out)?,
             Request::DeviceReset => {}
             Request::RegionWriteMulti(m) => m.encode(out)?,
+            Request::DeviceFeature(f) => f.encode(out)?,
+            Request::MigDataRead(r) => r.encode(out),
+            Request::MigDataWrite(w) => w.encode(out)?,
         }
         Ok(())
     }
@@ -115,11 +130,10 @@ pub fn parse_request(command: Command, body: &[u8]) -> Result<Request<'_>, Error
             Request::DeviceReset
         }
         Command::RegionWriteMulti => Request::RegionWriteMulti(WriteMulti::parse(body)?),
-        Command::DeviceFeature
-        | Command::MigDataRead
-        | Command::MigDataWrite
-        | Command::DmaRead
-        | Command::DmaWrite => return Err(Error::UnknownCommand(command.into())),
+        Command::DeviceFeature => Request::DeviceFeature(DeviceFeature::parse(body)?),
+        Command::MigDataRead => Request::MigDataRead(MigDataRead::parse(body)?),
+        Command::MigDataWrite => Request::MigDataWrite(MigDataWrite::parse(body)?),
+        Command::DmaRead | Command::DmaWrite => return Err(Error::WrongDirection(command)),
     })
 }
 
@@ -150,11 +164,18 @@ pub enum Reply<'a> {
     DeviceReset,
     /// VFIO_USER_REGION_WRITE_MULTI.
     RegionWriteMulti(WriteMultiReply),
+    /// VFIO_USER_DEVICE_FEATURE.
+    DeviceFeature(DeviceFeatureReply<'a>),
+    /// VFIO_USER_MIG_DATA_READ.
+    MigDataRead(MigDataReadReply<'a>),
+    /// VFIO_USER_MIG_DATA_WRITE (no payload).
+    MigDataWrite,
 }
 
 /// Parse the body of a successful reply to a client-to-server command
 /// (error replies have no body: check [`crate::Header::is_error`] first).
-/// Replies to DMA_READ/DMA_WRITE go the other way.
+/// Replies to DMA_READ/DMA_WRITE go the other way: see
+/// [`crate::parse_dma_reply`].
 pub fn parse_reply(command: Command, body: &[u8]) -> Result<Reply<'_>, Error> {
     if command.direction() != Direction::ClientToServer {
         return Err(Error::WrongDirection(command));
@@ -183,11 +204,13 @@ pub fn parse_reply(command: Command, body: &[u8]) -> Result<Reply<'_>, Error> {
             Reply::DeviceReset
         }
         Command::RegionWriteMulti => Reply::RegionWriteMulti(WriteMultiReply::parse(body)?),
-        Command::DeviceFeature
-        | Command::MigDataRead
-        | Command::MigDataWrite
-        | Command::DmaRead
-        | Command::DmaWrite => return Err(Error::UnknownCommand(command.into())),
+        Command::DeviceFeature => Reply::DeviceFeature(DeviceFeatureReply::parse(body)?),
+        Command::MigDataRead => Reply::MigDataRead(MigDataReadReply::parse(body)?),
+        Command::MigDataWrite => {
+            wire::empty(body, "MIG_DATA_WRITE reply")?;
+            Reply::MigDataWrite
+        }
+        Command::DmaRead | Command::DmaWrite => return Err(Error::WrongDirection(command)),
     })
 }
 
@@ -195,6 +218,7 @@ pub fn parse_reply(command: Command, body: &[u8]) -> Result<Reply<'_>, Error> {
 mod tests {
     use super::*;
     use crate::dma::UnmapKind;
+    use crate::feature::FeatureRequest;
     use crate::irq::{IrqAction, IrqData};
     use crate::version::Capabilities;
 
@@ -258,13 +282,25 @@ mod tests {
                     data: &[9],
                 }],
             }),
+            Request::DeviceFeature(DeviceFeature {
+                argsz: 16,
+                request: FeatureRequest::GetMigration,
+            }),
+            Request::MigDataRead(MigDataRead {
+                argsz: 4104,
+                size: 4096,
+            }),
+            Request::MigDataWrite(MigDataWrite {
+                argsz: 8,
+                data: &[1, 2, 3],
+            }),
         ]
     }
 
     #[test]
     fn every_request_round_trips_through_its_command() {
         let all = requests();
-        assert_eq!(all.len(), 12);
+        assert_eq!(all.len(), 15);
         for request in &all {
             let body = request.to_body().unwrap();
             assert_eq!(

@@ -215,3 +215,30 @@ pub(crate) struct RawWriteOne {
     pub count: u32,
     pub data: [u8; 8],
 }
+/// `argsz` and `flags`/`size`: the fixed part of DEVICE_FEATURE and of the
+/// migration data messages.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, FromBytes, IntoBytes, KnownLayout, Immutable)]
+pub(crate) struct RawTwoU32 {
+    pub a: u32,
+    pub b: u32,
+}
+
+/// `struct vfio_device_feature_dma_logging_control` (ranges follow inline).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, FromBytes, IntoBytes, KnownLayout, Immutable)]
+pub(crate) struct RawLoggingControl {
+    pub page_size: u64,
+    pub num_ranges: u32,
+    pub reserved: u32,
+}
+
+/// `struct vfio_device_feature_dma_logging_report` (bitmap follows inline
+/// in the reply).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, FromBytes, IntoBytes, KnownLayout, Immutable)]
+pub(crate) struct RawLoggingReport {
+    pub iova: u64,
+    pub length: u64,
+    pub page_size: u64,
+}
