@@ -155,6 +155,12 @@ impl RegionInfoRequest {
             },
         );
     }
+
+    /// Append the reply with `info`, fitted to this request's argsz (see
+    /// [`RegionInfo::encode`]).
+    pub fn encode_reply(&self, info: &RegionInfo, out: &mut Vec<u8>) -> Result<Fit, Error> {
+        info.encode(self.argsz, out)
+    }
 }
 
 /// One mmappable area of a region, relative to the region's start.
@@ -580,6 +586,12 @@ impl RegionIoFdsRequest {
             },
         );
     }
+
+    /// Append the reply with `io_fds`, fitted to this request's argsz (see
+    /// [`RegionIoFds::encode`]).
+    pub fn encode_reply(&self, io_fds: &RegionIoFds, out: &mut Vec<u8>) -> Result<Fit, Error> {
+        io_fds.encode(self.argsz, out)
+    }
 }
 
 /// One sub-region of a GET_REGION_IO_FDS reply.
@@ -936,10 +948,35 @@ mod tests {
         assert!(reply.info.caps.is_empty());
         // One byte short is still truncated.
         out.clear();
+        let request = RegionInfoRequest {
+            argsz: 63,
+            index: 0,
+        };
         assert_eq!(
-            nvme_bar0().encode(63, &mut out),
+            request.encode_reply(&nvme_bar0(), &mut out),
             Ok(Fit::Truncated { needed: 64 })
         );
+    }
+
+    #[test]
+    fn truncated_replies_from_other_servers() {
+        // Linux sets CAPS with cap_offset 0 when the caps do not fit; the
+        // vfio_user crate's server sets CAPS with cap_offset 32. Either way
+        // the reply is the fixed part with a larger argsz.
+        for cap_offset in [0u8, 32] {
+            let b = [
+                0x40, 0x00, 0x00, 0x00, // argsz = 64 needed
+                0x0f, 0x00, 0x00, 0x00, // flags = READ | WRITE | MMAP | CAPS
+                0x00, 0x00, 0x00, 0x00, // index = BAR0
+                cap_offset, 0x00, 0x00, 0x00, // cap_offset
+                0x00, 0x40, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // size
+                0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // offset
+            ];
+            let reply = RegionInfo::parse(&b).unwrap();
+            assert_eq!(reply.needed(), Some(64));
+            assert_eq!(reply.info.flags, 0x07);
+            assert!(reply.info.caps.is_empty());
+        }
     }
 
     #[test]
@@ -1241,7 +1278,7 @@ mod tests {
             }],
         };
         let mut out = Vec::new();
-        assert_eq!(io.encode(4096, &mut out), Ok(Fit::Full));
+        assert_eq!(r.encode_reply(&io, &mut out), Ok(Fit::Full));
         let full = [
             0x38, 0x00, 0x00, 0x00, // argsz = 16 + 40
             0x00, 0x00, 0x00, 0x00, // flags
