@@ -130,10 +130,26 @@ impl TryFrom<u16> for Command {
 
     /// Fails with [`Error::UnknownCommand`] carrying the raw number.
     fn try_from(raw: u16) -> Result<Self, Error> {
-        Command::ALL
-            .into_iter()
-            .find(|command| *command as u16 == raw)
-            .ok_or(Error::UnknownCommand(raw))
+        Ok(match raw {
+            1 => Command::Version,
+            2 => Command::DmaMap,
+            3 => Command::DmaUnmap,
+            4 => Command::DeviceGetInfo,
+            5 => Command::DeviceGetRegionInfo,
+            6 => Command::DeviceGetRegionIoFds,
+            7 => Command::DeviceGetIrqInfo,
+            8 => Command::DeviceSetIrqs,
+            9 => Command::RegionRead,
+            10 => Command::RegionWrite,
+            11 => Command::DmaRead,
+            12 => Command::DmaWrite,
+            13 => Command::DeviceReset,
+            15 => Command::RegionWriteMulti,
+            16 => Command::DeviceFeature,
+            17 => Command::MigDataRead,
+            18 => Command::MigDataWrite,
+            _ => return Err(Error::UnknownCommand(raw)),
+        })
     }
 }
 
