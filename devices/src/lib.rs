@@ -6,6 +6,7 @@
 
 pub mod device;
 pub mod dma;
+pub mod pci;
 
 pub use device::Device;
 
