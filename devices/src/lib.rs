@@ -7,6 +7,7 @@
 pub mod device;
 pub mod dma;
 pub mod pci;
+pub mod sample;
 
 pub use device::Device;
 

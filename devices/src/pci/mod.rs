@@ -114,7 +114,7 @@ pub mod regs;
 pub mod snapshot;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 pub use function::{PciDevice, PciFunction};
 pub use irq::{Delivery, Interrupts, IrqMode};
