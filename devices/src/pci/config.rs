@@ -842,6 +842,45 @@ mod tests {
     }
 
     #[test]
+    fn msi_32bit_without_masking() {
+        let mut l = layout();
+        l.msi = Some(MsiSpec {
+            vectors: 1,
+            address64: false,
+            per_vector_mask: false,
+        });
+        let mut c = ConfigSpace::new(&l);
+        let msi = c.caps().msi.unwrap();
+        assert_eq!((msi.mask, msi.pending, msi.size), (None, None, 12));
+        assert_eq!(
+            c.get16(msi.offset + MSI_FLAGS),
+            0,
+            "1 vector, 32-bit, no mask"
+        );
+        // the next capability follows the 10-byte MSI capability, aligned
+        assert_eq!(usize::from(c.get8(msi.offset + 1)), msi.offset + 12);
+        w32(&mut c, msi.offset + MSI_ADDRESS_LO, 0xfee0_100c);
+        assert_eq!(c.get32(msi.offset + MSI_ADDRESS_LO), 0xfee0_100c);
+        // data is at 0x08 for a 32-bit capability; 0x0a..0x0c is padding
+        w32(&mut c, msi.offset + 8, 0xffff_ffff);
+        assert_eq!(c.get32(msi.offset + 8), 0xffff);
+        let mut b = [0u8; 4];
+        c.read(
+            msi.offset + 8,
+            &mut b,
+            Dynamic {
+                intx: false,
+                msi_pending: !0,
+            },
+        );
+        assert_eq!(
+            u32::from_le_bytes(b),
+            0xffff,
+            "no pending register to overlay"
+        );
+    }
+
+    #[test]
     fn msix_capability_registers() {
         let mut c = ConfigSpace::new(&layout());
         let x = c.caps().msix.unwrap();
