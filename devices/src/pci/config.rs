@@ -7,8 +7,8 @@
 //! any size or alignment fall out of one byte-wise loop. A few bits are
 //! *dynamic* and never stored: Status.Interrupt and the MSI pending bits are
 //! filled in from the interrupt state on every read, and DevCtl's Initiate
-//! FLR always reads 0. [`ConfigSpace::write`] reports what a write touched
-//! ([`WriteEffects`]) and the device acts on it.
+//! FLR always reads 0. `ConfigSpace::write` reports what a write touched
+//! (`WriteEffects`) and the device acts on it.
 //!
 //! # Passthrough
 //!
@@ -18,10 +18,10 @@
 //! That backend adds a third mask, "emulated", beside `wmask`/`w1c`:
 //! reads take emulated bits from `data` and the rest from the device; writes
 //! apply the masks to emulated bits and forward the rest to the device. The
-//! capability offsets ([`CapOffsets`]) are then found by walking the real
+//! capability offsets (`CapOffsets`) are then found by walking the real
 //! device's list instead of being chosen here. The emulated case is the
 //! special case "every bit emulated", which is why all register semantics go
-//! through the masks and [`WriteEffects`] rather than through code keyed on
+//! through the masks and `WriteEffects` rather than through code keyed on
 //! this module's own layout.
 
 use crate::Error;

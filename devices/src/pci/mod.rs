@@ -13,7 +13,7 @@
 //!   endpoint capability (with Function Level Reset when the function can
 //!   reset) and vendor-specific capabilities; an empty, properly terminated
 //!   extended list at 0x100. Accesses of any size and alignment work.
-//!   See [`config`](self::config) for how a passthrough backend can reuse it
+//!   See [`config`] for how a passthrough backend can reuse it
 //!   with real hardware underneath.
 //! * **BARs** (regions 0..=5): bounds-checked, forwarded to the function,
 //!   except the MSI-X table and PBA, which the core serves. mmap areas the
@@ -22,7 +22,7 @@
 //! * **Interrupts** (indexes INTx, MSI, MSI-X, ERR, REQ): SET_IRQS with
 //!   Linux vfio-pci's semantics, and delivery from any thread through the
 //!   [`Interrupts`] handle the function receives when it is built; see
-//!   [`irq`](self::irq) for the rules.
+//!   [`irq`] for the rules.
 //! * **Migration**: config space and interrupt state are saved around the
 //!   function's own state, in a versioned format that is validated on load.
 //!

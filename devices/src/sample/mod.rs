@@ -44,7 +44,9 @@
 //! | 0x800  |      | MSI-X table      |        | served by the PCI core |
 //! | 0xc00  |      | MSI-X PBA        |        | served by the PCI core |
 //!
-//! The DMA registers are ignored while a transfer is running. DMA error
+//! The DMA registers are ignored while a transfer is running, and so is a
+//! start (through `DMA_CMD` or the doorbell); rings that arrive together are
+//! counted in `DOORBELL_COUNT` but start one transfer. DMA error
 //! codes: 1 the range does not fit in the buffer, 2 the client address is
 //! not mapped, 3 the mapping does not allow the access, 4 bus mastering is
 //! disabled in the command register, 5 any other I/O failure.
@@ -66,7 +68,7 @@
 //! Register accesses are answered at once on the session thread. The
 //! factorial and the DMA engine run on the device's worker thread, which
 //! also watches the doorbell eventfd; DMA goes through
-//! [`DmaSpace`](crate::dma::DmaSpace), so client memory mapped without a file
+//! [`DmaSpace`], so client memory mapped without a file
 //! (message-backed) works too without blocking the session. Completion
 //! sets the status and raises the interrupt.
 //!
