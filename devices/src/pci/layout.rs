@@ -301,6 +301,12 @@ impl PciLayout {
                 return bad(format!("ROM of {} bytes (1 byte .. 16 MiB)", rom.len()));
             }
         }
+        if !self.reset && !self.pm.no_soft_reset {
+            return bad(
+                "a function without reset must set No_Soft_Reset (D3hot to D0 resets otherwise)"
+                    .into(),
+            );
+        }
         if self.interrupt_pin > 4 {
             return bad(format!("interrupt pin {} (0..=4)", self.interrupt_pin));
         }
@@ -486,5 +492,12 @@ mod tests {
         assert!(invalid(&l), "capabilities overflow the standard space");
         l.vendor_capabilities[0].data.truncate(13);
         l.validate().unwrap();
+        l.reset = false;
+        l.validate().unwrap();
+        l.pm.no_soft_reset = false;
+        assert!(
+            invalid(&l),
+            "soft reset promised by a function that cannot reset"
+        );
     }
 }
