@@ -6,6 +6,8 @@
 
 pub mod device;
 pub mod dma;
+pub mod pci;
+pub mod sample;
 
 pub use device::Device;
 
