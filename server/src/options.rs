@@ -12,6 +12,9 @@ pub const QEMU_MAX_MSG_FDS: u32 = 16;
 pub const QEMU_MAX_DATA_XFER_SIZE: u32 = 64 << 20;
 /// Largest `max_dma_maps` QEMU's client accepts from a server.
 pub const QEMU_MAX_DMA_MAPS: u32 = 65535;
+/// Largest `max_dma_maps` vdevd offers. Above [`QEMU_MAX_DMA_MAPS`] only
+/// for other clients: QEMU refuses such a server (a warning is logged).
+pub const MAX_DMA_MAPS: u32 = 1 << 20;
 /// Smallest `max_data_xfer_size` vdevd offers: one page.
 pub const MIN_DATA_XFER_SIZE: u32 = 4096;
 
@@ -71,13 +74,10 @@ impl ServerOptions {
                 ),
             );
         }
-        if self.max_dma_maps == 0 || self.max_dma_maps > QEMU_MAX_DMA_MAPS {
+        if self.max_dma_maps == 0 || self.max_dma_maps > MAX_DMA_MAPS {
             return bad(
                 "max_dma_maps",
-                format!(
-                    "{} is outside 1..={QEMU_MAX_DMA_MAPS} (QEMU refuses a server offering more)",
-                    self.max_dma_maps
-                ),
+                format!("{} is outside 1..={MAX_DMA_MAPS}", self.max_dma_maps),
             );
         }
         if self.pgsizes == 0 || self.pgsizes & 0xfff != 0 {
@@ -91,6 +91,12 @@ impl ServerOptions {
         }
         if self.handshake_timeout.is_zero() || self.dma_timeout.is_zero() {
             return bad("timeouts", "must be above zero".into());
+        }
+        if self.max_dma_maps > QEMU_MAX_DMA_MAPS {
+            log::warn!(
+                "max_dma_maps {} is above {QEMU_MAX_DMA_MAPS}: QEMU's client will refuse this server",
+                self.max_dma_maps
+            );
         }
         Ok(())
     }
@@ -116,7 +122,7 @@ pub struct OptionOverrides {
     #[arg(long, value_name = "BYTES", global = true)]
     pub max_data_xfer_size: Option<u32>,
     /// DMA mappings a client may hold at once (offered in VERSION; QEMU
-    /// accepts at most 65535) [default: 65535]
+    /// refuses a server offering more than 65535) [default: 65535]
     #[arg(long, value_name = "N", global = true)]
     pub max_dma_maps: Option<u32>,
     /// Supported DMA page sizes, or'ed together, multiples of 4096
@@ -177,6 +183,13 @@ mod tests {
         assert!(o.max_msg_fds <= QEMU_MAX_MSG_FDS);
         assert!(o.max_data_xfer_size <= QEMU_MAX_DATA_XFER_SIZE);
         assert!(o.max_dma_maps <= QEMU_MAX_DMA_MAPS);
+        // more mappings are allowed, for clients other than QEMU
+        ServerOptions {
+            max_dma_maps: 1 << 17,
+            ..ServerOptions::default()
+        }
+        .validate()
+        .unwrap();
         assert_eq!(o.pgsizes % 4096, 0);
         assert_eq!(o.page_size(), 4096);
     }
@@ -196,7 +209,8 @@ mod tests {
             &|o| o.max_data_xfer_size = (64 << 20) + 1,
             "max_data_xfer_size",
         );
-        check(&|o| o.max_dma_maps = 65536, "max_dma_maps");
+        check(&|o| o.max_dma_maps = 0, "max_dma_maps");
+        check(&|o| o.max_dma_maps = MAX_DMA_MAPS + 1, "max_dma_maps");
         check(&|o| o.pgsizes = 0x800, "pgsizes");
         check(&|o| o.pgsizes = 0x1800, "pgsizes");
         check(&|o| o.handshake_timeout = Duration::ZERO, "timeouts");

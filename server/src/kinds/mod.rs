@@ -15,6 +15,8 @@ use vdevd_devices::dma::DmaSpace;
 use crate::cli::SocketArgs;
 use crate::error::Error;
 
+pub mod sample;
+
 /// A device type: its name, its options and how to build it.
 ///
 /// The options struct serves both the command line and configuration
@@ -33,7 +35,6 @@ pub trait DeviceType {
 /// Builds a device once its DMA address space exists.
 pub type Builder = Box<dyn FnOnce(Arc<DmaSpace>) -> Result<Box<dyn Device>, Error> + Send>;
 
-#[cfg_attr(not(test), allow(dead_code))] // until the first device type lands
 fn builder<T: DeviceType>(options: T::Options) -> Builder {
     Box::new(move |dma| T::build(options, dma))
 }
@@ -49,9 +50,19 @@ pub struct DeviceArgs<O: clap::Args> {
     pub options: O,
 }
 
+const SAMPLE_EXAMPLES: &str = "\
+Examples:
+  vdevd sample
+  vdevd sample --socket /run/vdevd/sample0.sock --msix-vectors 8 --buffer-size 1048576
+  vdevd sample --fd 3        # a listening socket inherited from the parent";
+
 /// The device subcommands.
 #[derive(Debug, clap::Subcommand)]
 pub enum DeviceCommand {
+    /// The sample PCI device: registers, a DMA engine, an mmappable buffer,
+    /// MSI-X/MSI/INTx (vendor 1234, device 5344)
+    #[command(after_long_help = SAMPLE_EXAMPLES)]
+    Sample(DeviceArgs<sample::SampleOptions>),
     #[cfg(test)]
     /// A device for the command line tests.
     Fake(DeviceArgs<tests::FakeOptions>),
@@ -61,6 +72,11 @@ impl DeviceCommand {
     /// The type's name, where to listen, and the builder.
     pub fn into_parts(self) -> (&'static str, SocketArgs, Builder) {
         match self {
+            DeviceCommand::Sample(a) => (
+                sample::Sample::NAME,
+                a.socket,
+                builder::<sample::Sample>(a.options),
+            ),
             #[cfg(test)]
             DeviceCommand::Fake(a) => (
                 tests::Fake::NAME,
@@ -74,12 +90,12 @@ impl DeviceCommand {
 /// Names of every device type.
 pub fn names() -> Vec<&'static str> {
     vec![
+        sample::Sample::NAME,
         #[cfg(test)]
         tests::Fake::NAME,
     ]
 }
 
-#[cfg_attr(not(test), allow(dead_code))] // until the first device type lands
 fn parse<T: DeviceType>(table: toml::Table) -> Result<Builder, Error> {
     let options: T::Options = toml::Value::Table(table)
         .try_into()
@@ -90,11 +106,13 @@ fn parse<T: DeviceType>(table: toml::Table) -> Result<Builder, Error> {
 /// The builder for a `[[device]]` table of type `kind` (its remaining
 /// keys are the type's options).
 pub fn from_table(kind: &str, table: toml::Table) -> Result<Builder, Error> {
+    if kind == sample::Sample::NAME {
+        return parse::<sample::Sample>(table);
+    }
     #[cfg(test)]
     if kind == tests::Fake::NAME {
         return parse::<tests::Fake>(table);
     }
-    let _ = &table;
     Err(Error::Config(format!(
         "unknown device type {kind:?} (known: {})",
         names().join(", ")
