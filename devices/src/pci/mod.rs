@@ -122,24 +122,28 @@ pub use layout::{
     Bar, BarKind, MsiSpec, MsixSpec, PciIds, PciLayout, PcieSpec, PmSpec, VendorCapability,
 };
 
+// VFIO's PCI region and interrupt indexes, under the short names device
+// code uses. The values live in one place: the protocol crate.
+use vdevd_protocol::vfio;
+
 /// Region index of the expansion ROM.
-pub const ROM_REGION: u32 = 6;
+pub const ROM_REGION: u32 = vfio::VFIO_PCI_ROM_REGION_INDEX;
 /// Region index of config space.
-pub const CONFIG_REGION: u32 = 7;
+pub const CONFIG_REGION: u32 = vfio::VFIO_PCI_CONFIG_REGION_INDEX;
 /// Region index of the (never present) VGA region.
-pub const VGA_REGION: u32 = 8;
+pub const VGA_REGION: u32 = vfio::VFIO_PCI_VGA_REGION_INDEX;
 /// Number of regions of a PCI device.
-pub const NUM_REGIONS: u32 = 9;
+pub const NUM_REGIONS: u32 = vfio::VFIO_PCI_NUM_REGIONS;
 
 /// Interrupt index of INTx.
-pub const INTX_IRQ: u32 = 0;
+pub const INTX_IRQ: u32 = vfio::VFIO_PCI_INTX_IRQ_INDEX;
 /// Interrupt index of MSI.
-pub const MSI_IRQ: u32 = 1;
+pub const MSI_IRQ: u32 = vfio::VFIO_PCI_MSI_IRQ_INDEX;
 /// Interrupt index of MSI-X.
-pub const MSIX_IRQ: u32 = 2;
+pub const MSIX_IRQ: u32 = vfio::VFIO_PCI_MSIX_IRQ_INDEX;
 /// Interrupt index of error reporting (PCI Express functions only).
-pub const ERR_IRQ: u32 = 3;
+pub const ERR_IRQ: u32 = vfio::VFIO_PCI_ERR_IRQ_INDEX;
 /// Interrupt index of device release requests.
-pub const REQ_IRQ: u32 = 4;
+pub const REQ_IRQ: u32 = vfio::VFIO_PCI_REQ_IRQ_INDEX;
 /// Number of interrupt indexes of a PCI device.
-pub const NUM_IRQS: u32 = 5;
+pub const NUM_IRQS: u32 = vfio::VFIO_PCI_NUM_IRQS;
