@@ -127,7 +127,14 @@ pub enum Error {
     #[error("the client closed the connection")]
     Disconnected,
 
+    /// A DEVICE_FEATURE the device does not have (Linux answers ENOTTY).
+    #[error("device feature {0} is not supported")]
+    FeatureNotSupported(u16),
+
     // --- errors from the layers below ----------------------------------
+    /// A malformed message.
+    #[error("malformed message: {0}")]
+    Protocol(#[from] vdevd_protocol::Error),
     /// An error from the device model.
     #[error(transparent)]
     Device(#[from] vdevd_devices::Error),
@@ -146,7 +153,7 @@ pub enum Error {
 
     // --- starting a server ---------------------------------------------
     /// Another server is listening on the socket path.
-    #[error("{0} is in use by a running server")]
+    #[error("{0} is in use by a running server; stop it or choose another socket path")]
     SocketInUse(String),
     /// The socket path exists and is not a socket.
     #[error("{0} exists and is not a socket; refusing to replace it")]
@@ -199,6 +206,8 @@ impl Error {
             Error::HandshakeTimeout(_) => libc::ETIMEDOUT,
             Error::OutputOverflow(_) => libc::ENOBUFS,
             Error::Disconnected => libc::ECONNRESET,
+            Error::FeatureNotSupported(_) => libc::ENOTTY,
+            Error::Protocol(e) => protocol_errno(e),
             Error::Device(e) => device_errno(e),
             Error::Dma(e) => dma_errno(e),
             Error::Io { source, .. } => io_errno(source),
@@ -208,6 +217,35 @@ impl Error {
             Error::BadListenFd { .. } => libc::ENOTSOCK,
             Error::Config(_) => libc::EINVAL,
         }
+    }
+}
+
+/// Malformed messages are EINVAL, with three exceptions: a command or
+/// direction that does not exist (ENOSYS, see [`Error::UnknownCommand`]), a
+/// feature that does not exist (ENOTTY, as Linux), and a value above a
+/// limit (E2BIG).
+fn protocol_errno(e: &vdevd_protocol::Error) -> i32 {
+    use vdevd_protocol::Error as P;
+    match e {
+        P::UnknownCommand(_) | P::WrongDirection(_) => libc::ENOSYS,
+        P::UnknownFeature(_) => libc::ENOTTY,
+        P::TooLarge { .. } | P::MessageTooLarge(_) => libc::E2BIG,
+        P::Short { .. }
+        | P::Length { .. }
+        | P::MessageSize(_)
+        | P::MessageType(_)
+        | P::Flags { .. }
+        | P::Argsz { .. }
+        | P::DataLength { .. }
+        | P::Overflow { .. }
+        | P::NonZero { .. }
+        | P::Json(_)
+        | P::Capability { .. }
+        | P::IrqFlags(_)
+        | P::FeatureOp(_)
+        | P::Value { .. }
+        | P::CapChain { .. }
+        | P::UnsupportedCap { .. } => libc::EINVAL,
     }
 }
 
@@ -360,6 +398,24 @@ mod tests {
         assert_eq!(
             Error::VersionUnsupported { major: 1, minor: 0 }.errno(),
             libc::ENOTSUP
+        );
+        assert_eq!(
+            Error::Protocol(vdevd_protocol::Error::UnknownFeature(3)).errno(),
+            libc::ENOTTY
+        );
+        assert_eq!(Error::FeatureNotSupported(1).errno(), libc::ENOTTY);
+        assert_eq!(
+            Error::Protocol(vdevd_protocol::Error::Json("x".into())).errno(),
+            libc::EINVAL
+        );
+        assert_eq!(
+            Error::Protocol(vdevd_protocol::Error::TooLarge {
+                what: "x",
+                value: 2,
+                max: 1
+            })
+            .errno(),
+            libc::E2BIG
         );
         // an I/O error without an OS errno still yields a real errno
         assert_eq!(

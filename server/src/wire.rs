@@ -72,10 +72,14 @@ pub(crate) fn cmsg_buffer(n: usize) -> Vec<u64> {
     vec![0u64; cmsg_space(n).div_ceil(8)]
 }
 
-/// The total size field of the header at the start of `bytes`.
+/// The size field of the header at the start of `bytes` (which holds at
+/// least [`HEADER_SIZE`] bytes), also when it is below the header size.
 fn frame_size(bytes: &[u8]) -> Option<u32> {
-    let raw: [u8; 4] = bytes.get(4..8)?.try_into().ok()?;
-    Some(u32::from_ne_bytes(raw))
+    match vdevd_protocol::Header::parse(bytes) {
+        Ok(h) => Some(h.size),
+        Err(vdevd_protocol::Error::MessageSize(size)) => Some(size),
+        Err(_) => None,
+    }
 }
 
 /// Counters of socket activity, shared with whoever wants to observe a
