@@ -63,7 +63,7 @@ pub struct Cli {
     #[arg(long, value_name = "FILE.toml")]
     pub config: Option<PathBuf>,
 
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = "Server options (also after the DEVICE)")]
     pub overrides: OptionOverrides,
 
     /// The device to serve
@@ -78,8 +78,8 @@ pub struct Cli {
 pub struct SocketArgs {
     /// Listen on this Unix socket path (created with mode 0600; a stale
     /// socket file is replaced, a live one refused). Default:
-    /// $XDG_RUNTIME_DIR/vdevd/<DEVICE>.sock, or /run/vdevd/<DEVICE>.sock for
-    /// root, or /tmp/vdevd-<UID>/<DEVICE>.sock
+    /// $XDG_RUNTIME_DIR/vdevd/DEVICE.sock, or /run/vdevd/DEVICE.sock for
+    /// root, or /tmp/vdevd-UID/DEVICE.sock
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
     /// Same as --socket

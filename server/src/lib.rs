@@ -28,9 +28,11 @@
 //! [`session`] (VERSION and dispatch), [`server`] (the device thread and
 //! its epoll loop), [`messenger`] (DMA_READ/DMA_WRITE for worker threads),
 //! [`migration`] (the migration state machine), [`error`] (the errno of
-//! every error reply), [`options`], [`cli`], [`kinds`] (device types).
+//! every error reply), [`options`], [`cli`], [`kinds`] (device types),
+//! [`daemon`] (the process and its signals).
 
 pub mod cli;
+pub mod daemon;
 pub mod error;
 pub mod kinds;
 pub mod listener;

@@ -43,10 +43,10 @@ fn builder<T: DeviceType>(options: T::Options) -> Builder {
 #[derive(Debug, clap::Args)]
 pub struct DeviceArgs<O: clap::Args> {
     /// Where to listen.
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = "Socket (one of)")]
     pub socket: SocketArgs,
     /// The device's options.
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = "Device options")]
     pub options: O,
 }
 
