@@ -421,7 +421,15 @@ impl DeviceThread {
                     let Some(r) = self.dev.messenger.take_requests(1).pop() else {
                         break;
                     };
-                    log::debug!("-> id {} DMA request at {:#x} (server)", r.id, r.iova);
+                    let (what, len) = match &r.op {
+                        crate::messenger::DmaOp::Read { len } => ("DMA_READ", *len),
+                        crate::messenger::DmaOp::Write { data } => ("DMA_WRITE", data.len()),
+                    };
+                    log::debug!(
+                        "-> id {} {what} {:#x}+{len:#x} (server request)",
+                        r.id,
+                        r.iova
+                    );
                     let pushed = session::encode_dma_request(&r).and_then(|bytes| {
                         c.writer.push(OutMessage {
                             bytes,
