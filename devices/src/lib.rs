@@ -9,6 +9,7 @@ pub mod device;
 pub mod dma;
 pub mod pci;
 pub mod sample;
+pub mod virtio;
 
 pub use device::Device;
 
