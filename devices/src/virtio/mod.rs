@@ -138,9 +138,9 @@ pub struct QueueRun {
     pub more: bool,
 }
 
-/// Process the available chains of `queue` (at most `budget`), complete
-/// them in the used ring, and tell whether the driver should be
-/// interrupted. With EVENT_IDX, notifications are re-enabled only once the
+/// Process the available chains of `queue` (at most `budget`, and none
+/// after `stop` returns true: a reset is waiting), complete them in the
+/// used ring, and tell whether the driver should be interrupted. With EVENT_IDX, notifications are re-enabled only once the
 /// ring is empty, and the ring is checked again afterwards so that a chain
 /// added meanwhile is never left behind.
 pub fn process_queue<D: VirtioDevice + ?Sized, M: GuestMemory<Bitmap = ()>>(
@@ -149,6 +149,7 @@ pub fn process_queue<D: VirtioDevice + ?Sized, M: GuestMemory<Bitmap = ()>>(
     mem: &M,
     queue: &mut Queue,
     budget: usize,
+    stop: &dyn Fn() -> bool,
 ) -> Result<QueueRun, DeviceBroken> {
     let mut run = QueueRun::default();
     if !queue.ready() {
@@ -158,6 +159,9 @@ pub fn process_queue<D: VirtioDevice + ?Sized, M: GuestMemory<Bitmap = ()>>(
     loop {
         queue.disable_notification(mem).map_err(broken)?;
         while run.completed < budget {
+            if stop() {
+                return Ok(run);
+            }
             let chain = queue.iter(mem).map_err(broken)?.next();
             let Some(chain) = chain else { break };
             let head = chain.head_index();

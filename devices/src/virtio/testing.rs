@@ -200,7 +200,8 @@ impl Driver {
         u16::from_le(mem.read_obj(GuestAddress(self.used + 2)).unwrap())
     }
 
-    /// Used entries published since the last call: (id, len).
+    /// Used entries published since the last call: (id, len). Like a
+    /// driver using EVENT_IDX, asks for an interrupt at the next completion.
     pub fn take_used<M: GuestMemory>(&mut self, mem: &M) -> Vec<(u32, u32)> {
         let idx = self.used_idx(mem);
         let mut out = Vec::new();
@@ -212,6 +213,7 @@ impl Driver {
             out.push((u32::from_le(id), u32::from_le(len)));
             self.used_seen = self.used_seen.wrapping_add(1);
         }
+        self.set_used_event(mem, self.used_seen);
         out
     }
 }

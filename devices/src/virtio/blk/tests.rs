@@ -102,7 +102,7 @@ fn bed() -> Bed {
 
 impl Bed {
     fn run(&mut self) -> Result<QueueRun, DeviceBroken> {
-        process_queue(&self.blk, 0, &self.mem, &mut self.q, 64)
+        process_queue(&self.blk, 0, &self.mem, &mut self.q, 64, &|| false)
     }
 
     /// Submit one chain and process it; the (status, used len).
@@ -522,7 +522,7 @@ fn read_only_disk_refuses_writes_and_keeps_data() {
         &[r(HDR + 0x40, 16), w(DATA + 0x1000, 512), w(STATUS + 1, 1)],
     );
     drv.publish(&mem, head);
-    process_queue(&blk, 0, &mem, &mut q, 64).unwrap();
+    process_queue(&blk, 0, &mem, &mut q, 64, &|| false).unwrap();
     assert_eq!(
         mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(),
         status::IOERR
@@ -720,11 +720,11 @@ fn budget_leaves_the_rest_for_the_next_call() {
         let head = b.drv.chain(&b.mem, &[r(HDR, 16), w(STATUS + i, 1)]);
         b.drv.publish(&b.mem, head);
     }
-    let run = process_queue(&b.blk, 0, &b.mem, &mut b.q, 3).unwrap();
+    let run = process_queue(&b.blk, 0, &b.mem, &mut b.q, 3, &|| false).unwrap();
     assert_eq!((run.completed, run.more), (3, true));
-    let run = process_queue(&b.blk, 0, &b.mem, &mut b.q, 3).unwrap();
+    let run = process_queue(&b.blk, 0, &b.mem, &mut b.q, 3, &|| false).unwrap();
     assert_eq!((run.completed, run.more), (2, false));
-    let run = process_queue(&b.blk, 0, &b.mem, &mut b.q, 3).unwrap();
+    let run = process_queue(&b.blk, 0, &b.mem, &mut b.q, 3, &|| false).unwrap();
     assert_eq!(run, QueueRun::default());
     assert_eq!(b.drv.take_used(&b.mem).len(), 5);
 }
@@ -761,7 +761,9 @@ fn file_backend_flush_makes_writes_visible_in_the_file() {
     let head = drv.chain(&mem, &[r(HDR + 0x40, 16), w(STATUS + 1, 1)]);
     drv.publish(&mem, head);
     assert_eq!(
-        process_queue(&blk, 0, &mem, &mut q, 64).unwrap().completed,
+        process_queue(&blk, 0, &mem, &mut q, 64, &|| false)
+            .unwrap()
+            .completed,
         2
     );
     assert_eq!(
