@@ -10,8 +10,39 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::cli::{Plan, SocketSpec};
 use crate::error::Error;
+use crate::kinds::Builder;
 use crate::listener::Listener;
 use crate::server::{DeviceServer, dma_space};
+use crate::vhost_user::VhostUserServer;
+
+/// A device being served, over either protocol.
+enum Running {
+    VfioUser(DeviceServer),
+    VhostUser(VhostUserServer),
+}
+
+impl Running {
+    fn name(&self) -> &str {
+        match self {
+            Running::VfioUser(s) => s.name(),
+            Running::VhostUser(s) => s.name(),
+        }
+    }
+
+    fn is_finished(&self) -> bool {
+        match self {
+            Running::VfioUser(s) => s.is_finished(),
+            Running::VhostUser(s) => s.is_finished(),
+        }
+    }
+
+    fn stop(self) -> Result<(), Error> {
+        match self {
+            Running::VfioUser(s) => s.stop(),
+            Running::VhostUser(s) => s.stop(),
+        }
+    }
+}
 
 /// SIGTERM and SIGINT, blocked in every thread and read from a signalfd.
 struct Signals {
@@ -56,6 +87,22 @@ impl Signals {
     }
 }
 
+fn vhost_user_banner(kind: &str, socket: &SocketSpec, qemu_device: &str, queues: u16) -> String {
+    match socket {
+        SocketSpec::Path(p) => {
+            let path = p.display();
+            format!(
+                "vdevd: serving {kind} over vhost-user on {path}\n  QEMU: \
+                 -chardev socket,id=vdevd0,path={path},reconnect-ms=1000 \
+                 -device {qemu_device},chardev=vdevd0,num-queues={queues}"
+            )
+        }
+        SocketSpec::Fd(fd) => {
+            format!("vdevd: serving {kind} over vhost-user on inherited socket fd {fd}")
+        }
+    }
+}
+
 fn banner(kind: &str, socket: &SocketSpec) -> String {
     match socket {
         SocketSpec::Path(p) => {
@@ -80,16 +127,25 @@ pub fn run(plan: Plan) -> Result<(), Error> {
             SocketSpec::Path(p) => Listener::bind(p)?,
             SocketSpec::Fd(fd) => Listener::from_fd(*fd)?,
         };
-        let dma = dma_space(&plan.options);
-        let device = (d.build)(dma.clone())?;
-        let server = DeviceServer::start(
-            listener,
-            dma,
-            device,
-            plan.options.clone(),
-            Some(exited.clone()),
-        )?;
-        let text = banner(d.kind, &d.socket);
+        let (server, text) = match d.build {
+            Builder::VfioUser(build) => {
+                let dma = dma_space(&plan.options);
+                let device = build(dma.clone())?;
+                let server = DeviceServer::start(
+                    listener,
+                    dma,
+                    device,
+                    plan.options.clone(),
+                    Some(exited.clone()),
+                )?;
+                (Running::VfioUser(server), banner(d.kind, &d.socket))
+            }
+            Builder::VhostUser(b) => {
+                let server = (b.start)(listener, Some(exited.clone()))?;
+                let text = vhost_user_banner(d.kind, &d.socket, b.qemu_device, b.queues);
+                (Running::VhostUser(server), text)
+            }
+        };
         log::info!("{}", text.replace('\n', ";"));
         let mut out = io::stdout().lock();
         let _ = writeln!(out, "{text}");
@@ -171,7 +227,7 @@ mod tests {
             .map(|p| DevicePlan {
                 kind: "fake",
                 socket: SocketSpec::Path(p.clone()),
-                build: Box::new(|_| Ok(Box::new(FakeDevice::new(false).0))),
+                build: Builder::VfioUser(Box::new(|_| Ok(Box::new(FakeDevice::new(false).0)))),
             })
             .collect();
         let plan = Plan {
@@ -219,12 +275,14 @@ mod tests {
                 DevicePlan {
                     kind: "fake",
                     socket: SocketSpec::Path(good.clone()),
-                    build: Box::new(|_| Ok(Box::new(FakeDevice::new(false).0))),
+                    build: Builder::VfioUser(Box::new(|_| Ok(Box::new(FakeDevice::new(false).0)))),
                 },
                 DevicePlan {
                     kind: "fake",
                     socket: SocketSpec::Path(dir.path().join("bad.sock")),
-                    build: Box::new(|_| Err(Error::Config("no such backing file".into()))),
+                    build: Builder::VfioUser(Box::new(|_| {
+                        Err(Error::Config("no such backing file".into()))
+                    })),
                 },
             ],
         };

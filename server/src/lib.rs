@@ -29,7 +29,8 @@
 //! its epoll loop), [`messenger`] (DMA_READ/DMA_WRITE for worker threads),
 //! [`migration`] (the migration state machine), [`error`] (the errno of
 //! every error reply), [`options`], [`cli`], [`kinds`] (device types),
-//! [`daemon`] (the process and its signals).
+//! [`daemon`] (the process and its signals), [`vhost_user`] (virtio
+//! devices over vhost-user).
 
 pub mod cli;
 pub mod daemon;
@@ -41,6 +42,7 @@ pub mod migration;
 pub mod options;
 pub mod server;
 pub mod session;
+pub mod vhost_user;
 pub mod wire;
 
 #[cfg(test)]
