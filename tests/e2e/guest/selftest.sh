@@ -1,0 +1,20 @@
+# shellcheck shell=sh
+# Guest side of the harness self-test (suites/selftest.sh).
+check_hello() { [ -r /proc/version ] || die "no /proc"; }
+check_config() {
+    [ "$E2E_SUITE" = selftest ] || die "E2E_SUITE is '$E2E_SUITE'"
+    info "value $SELFTEST_VALUE"
+}
+check_failing() { die "deliberate failure"; }
+check_hang() { sleep 3600; }
+phase_ok() {
+    check hello check_hello
+    check config check_config
+}
+phase_failing() {
+    check hello check_hello
+    check failing check_failing
+}
+# PID 1 exiting panics the kernel (QEMU exits without E2E-DONE).
+phase_panic() { exit 1; }
+phase_hang() { check hang check_hang; }
