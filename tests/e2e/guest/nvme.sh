@@ -210,6 +210,15 @@ phase_main() {
     check final-state check_final_state
 }
 
+# Only the checks named in E2E_NVME_CHECKS, in that order (the harness's
+# self-test, and a quick way to run a few checks while debugging).
+phase_checks() {
+    for c in $E2E_NVME_CHECKS; do
+        [ "$c" = bind ] || nvme_locate || return 0
+        check "$c" "check_$(echo "$c" | tr - _)" || [ "$c" != bind ] || return 0
+    done
+}
+
 # After a clean power-off and restart of the device: the files are there.
 check_persist() {
     mount -t ext4 "$DEV" "$FS_MNT" || die "mount failed"

@@ -257,7 +257,7 @@ e2e_probe_kvm() {
     E2E_FAILURES=()
     e2e_run_begin kvm-probe
     VDEVD_E2E_ACCEL=kvm
-    e2e_vm_start probe hello.sh hello "" blk 256 -- || return 1
+    e2e_vm_start probe hello.sh hello "" min 256 -- || return 1
     e2e_vm_wait probe 60
     e2e_vm_expect probe hello
     e2e_stop_all
