@@ -15,11 +15,12 @@ e2e_base_image() {
     local profile=$1 conf=$E2E_DIR/images/$1.conf kver key out log
     [ -r "$conf" ] || e2e_die "no image profile $conf"
     kver=$(e2e_kernel_version) || e2e_die "no guest kernel under $E2E_KERNEL_DIR (run tests/e2e/provision)"
-    local IMAGE_BINS="" IMAGE_FILES="" IMAGE_MODULES=""
+    local IMAGE_BINS="" IMAGE_FILES="" IMAGE_MODULES="" IMAGE_CSRC="" csrc="" c
     # shellcheck source=images/blk.conf
     . "$conf"
     key=$({
         cat "$E2E_DIR/lib/mkimage-inroot.sh" "$conf"
+        for c in $IMAGE_CSRC; do cat "$E2E_DIR/guest/src/$c.c"; done
         printf '%s\n' "$kver"
         cat "$E2E_ROOT/var/lib/dpkg/status"
     } | sha256sum | cut -c1-16)
@@ -28,11 +29,18 @@ e2e_base_image() {
         log=$E2E_SHARE/provision-logs/image-$profile.log
         mkdir -p "$(dirname "$log")"
         e2e_log "building guest image '$profile' ($out)"
-        if ! e2e_chroot bash -s -- "$out" "$E2E_KERNEL_DIR" "$kver" "$IMAGE_BINS" "$IMAGE_FILES" "$IMAGE_MODULES" \
+        if [ -n "$IMAGE_CSRC" ]; then
+            # The sources go where the trixie root can see them.
+            csrc=$(mktemp -d "$E2E_SHARE/.csrc.XXXXXX")
+            for c in $IMAGE_CSRC; do cp "$E2E_DIR/guest/src/$c.c" "$csrc/"; done
+        fi
+        if ! e2e_chroot bash -s -- "$out" "$E2E_KERNEL_DIR" "$kver" "$IMAGE_BINS" "$IMAGE_FILES" "$IMAGE_MODULES" "$csrc" \
             <"$E2E_DIR/lib/mkimage-inroot.sh" >"$log" 2>&1; then
+            [ -z "$csrc" ] || rm -rf "$csrc"
             tail -n 30 "$log" >&2
             e2e_die "building guest image '$profile' failed (log: $log)"
         fi
+        [ -z "$csrc" ] || rm -rf "$csrc"
         e2e_log "$(tail -n 1 "$log")"
     fi
     # Images unused for a week (other checkouts, old inputs) are pruned.

@@ -2,9 +2,10 @@
 # Builds one guest initramfs. Runs INSIDE the trixie root (fed to
 # `chroot-run bash -s`), where the binaries, their libraries, kmod, cpio and
 # zstd are. Arguments:
-#   OUT KERNEL_DIR KVER "BINS" "FILES" "MODULES"
+#   OUT KERNEL_DIR KVER "BINS" "FILES" "MODULES" [CSRC_DIR]
 # BINS are copied with every library ldd names; FILES are copied as they are
-# (symlinks followed); MODULES are resolved with their dependencies against
+# (symlinks followed); each CSRC_DIR/NAME.c becomes a static /usr/bin/NAME
+# (guest-side helpers of the harness); MODULES are resolved with their dependencies against
 # the guest kernel, decompressed (busybox's modprobe then needs no xz) and
 # indexed with depmod, so the guest loads them with `modprobe NAME [params]`.
 #
@@ -16,7 +17,7 @@
 # the image carries ~55 MiB of libraries; unpacking them costs about a second
 # per boot (measured in README.md).
 set -euo pipefail
-out=$1 kdir=$2 kver=$3 bins=$4 files=$5 mods=$6
+out=$1 kdir=$2 kver=$3 bins=$4 files=$5 mods=$6 csrc=${7:-}
 
 w=$(mktemp -d /tmp/e2e-image.XXXXXX)
 trap 'rm -rf "$w"' EXIT
@@ -41,6 +42,12 @@ for b in $bins; do
 done
 for lib in "${!libs[@]}"; do copy_file "$lib"; done
 for f in $files; do copy_file "$f"; done
+if [ -n "$csrc" ]; then
+    for c in "$csrc"/*.c; do
+        [ -e "$c" ] || continue
+        gcc -O2 -Wall -Wextra -Werror -static -o "$w/usr/bin/$(basename "$c" .c)" "$c"
+    done
+fi
 
 # Kernel modules and their dependencies, decompressed.
 if [ -n "$mods" ]; then

@@ -31,7 +31,7 @@ E2E_RUN_DIR=
 e2e_say() { printf 'e2e[%s]: %s\n' "$E2E_SUITE_NAME" "$*" >&2; }
 e2e_fail() {
     E2E_FAILURES+=("$*")
-    e2e_say "FAIL: $*"
+    e2e_say "${E2E_FAIL_LABEL:-FAIL}: $*"
 }
 e2e_host_pass() { e2e_say "PASS (host) $*"; }
 e2e_timeout() { echo $(($1 * VDEVD_E2E_TIMEOUT_SCALE)); }
@@ -182,16 +182,24 @@ e2e_vdevd_binary() {
     printf '%s\n' "$target/debug/vdevd"
 }
 
+# e2e_unix_listening PATH: a socket bound to PATH is listening, in this
+# network namespace (/proc/net/unix: Flags 00010000 is __SO_ACCEPTCON). A
+# leftover socket file that nobody listens on does not count.
+e2e_unix_listening() {
+    awk -v p="$1" '$NF == p && $4 == "00010000" { found = 1 } END { exit !found }' /proc/net/unix
+}
+
 # e2e_vdevd_start NAME SOCKET ARG...: run `vdevd ARG...` on the host, log in
-# vdevd-NAME.log, and wait until SOCKET accepts connections. Fails the run
-# (and returns 1) if vdevd exits first or does not listen in time.
+# vdevd-NAME.log, and wait until it listens on SOCKET. Fails the run (and
+# returns 1) if vdevd exits first or does not listen in time. A socket file
+# left by an earlier server on the same path is left alone: replacing it is
+# the server's job.
 e2e_vdevd_start() {
     local name=$1 sock=$2 bin log n
     shift 2
     bin=$(e2e_vdevd_binary) || return 1
     log=$E2E_RUN_DIR/vdevd-$name.log
     [ "${#sock}" -lt 108 ] || { e2e_fail "socket path too long for AF_UNIX (${#sock} bytes): $sock"; return 1; }
-    rm -f "$sock"
     e2e_spawn "$name" vdevd "$log" env RUST_LOG="$VDEVD_E2E_RUST_LOG" RUST_BACKTRACE=1 "$bin" "$@"
     E2E_LOG[$name]=$log
     e2e_say "vdevd '$name' (pid ${E2E_PID[$name]}): $bin $*"
@@ -202,11 +210,11 @@ e2e_vdevd_start() {
             e2e_fail "vdevd '$name' exited with status ${E2E_STATUS[$name]} before listening on $sock"
             return 1
         fi
-        [ -S "$sock" ] && return 0
+        e2e_unix_listening "$sock" && return 0
         sleep 0.1
         n=$((n - 1))
     done
-    e2e_fail "vdevd '$name' did not create its socket $sock within $(e2e_timeout 30) s"
+    e2e_fail "vdevd '$name' did not listen on $sock within $(e2e_timeout 30) s"
     return 1
 }
 

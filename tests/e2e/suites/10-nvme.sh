@@ -112,10 +112,10 @@ nvme_suite() {
     e2e_vm_expect crash bind persist flush
     if [ "$backend" = vdevd ]; then
         sleep 1
-        if e2e_is_alive vdevd-2 && [ -S "$sock" ]; then
-            e2e_host_pass "vdevd survived its client being killed and still has its socket"
+        if e2e_is_alive vdevd-2 && e2e_unix_listening "$sock"; then
+            e2e_host_pass "vdevd survived its client being killed and still listens"
         else
-            e2e_fail "vdevd did not survive its client being killed (alive: $(e2e_is_alive vdevd-2 && echo yes || echo no), socket: $([ -S "$sock" ] && echo yes || echo no))"
+            e2e_fail "vdevd did not survive its client being killed (alive: $(e2e_is_alive vdevd-2 && echo yes || echo no), listening: $(e2e_unix_listening "$sock" && echo yes || echo no))"
             return
         fi
     fi

@@ -3,24 +3,42 @@
 # checks ran. A guest that passes is seen to pass; a failing check, a guest
 # that dies without finishing, a guest that hangs, and a device server that
 # exits at start are each seen as failures, with the reason.
-E2E_SUITES+=(selftest)
+E2E_SUITES+=(selftest selftest-pci selftest-nvme)
+# Failures the self-tests provoke are labelled as such in the output.
+selftest_provoking() {
+    # shellcheck disable=SC2034 # read by e2e_fail
+    E2E_FAIL_LABEL="provoked failure (checked below)"
+}
 
-# selftest_expect_failure WHAT REGEX: the failures recorded since the last
-# call are exactly what the case was meant to provoke; they are then cleared.
+# selftest_expect_failure WHAT REGEX...: the failures recorded since the
+# last call are exactly what the case was meant to provoke: each REGEX
+# matches one of them and each of them matches a REGEX. They are then cleared.
 selftest_expect_failure() {
-    local what=$1 re=$2 got
-    got=$(printf '%s\n' "${E2E_FAILURES[@]}")
+    local what=$1 re f ok=1 matched
+    shift
+    local -a got=("${E2E_FAILURES[@]}")
+    # shellcheck disable=SC2034 # read by e2e_fail
+    local E2E_FAIL_LABEL=FAIL
     E2E_FAILURES=()
-    if [ -z "$got" ]; then
+    if [ "${#got[@]}" = 0 ]; then
         e2e_fail "selftest: $what was not detected"
-    elif ! grep -Eq -- "$re" <<<"$got"; then
-        e2e_fail "selftest: $what was reported as '$got', expected /$re/"
-    else
-        e2e_host_pass "selftest: $what detected: $(head -n 1 <<<"$got")"
+        return
     fi
+    for re in "$@"; do
+        matched=0
+        for f in "${got[@]}"; do grep -Eq -- "$re" <<<"$f" && matched=1; done
+        [ "$matched" = 1 ] || { e2e_fail "selftest: $what: no failure matches /$re/"; ok=0; }
+    done
+    for f in "${got[@]}"; do
+        matched=0
+        for re in "$@"; do grep -Eq -- "$re" <<<"$f" && matched=1; done
+        [ "$matched" = 1 ] || { e2e_fail "selftest: $what: unexpected failure: $f"; ok=0; }
+    done
+    [ "$ok" = 0 ] || e2e_host_pass "selftest: $what detected: ${got[0]}"
 }
 
 suite_selftest() {
+    selftest_provoking
     e2e_vm_start ok selftest.sh ok "" min 256 SELFTEST_VALUE="a 'quoted' value" -- || return
     e2e_vm_wait ok 120
     e2e_vm_expect ok hello config
@@ -53,8 +71,8 @@ suite_selftest() {
 #    durability check fails although the guest reads its writes back;
 #  - every read fails (blkdebug): the pattern check fails;
 #  - the namespace is not the size the run expects: bind fails.
-E2E_SUITES+=(selftest-nvme)
 suite_selftest_nvme() {
+    selftest_provoking
     local img=$E2E_RUN_DIR/nvme.img size=$((32 * 1048576)) seed=$RANDOM
     local -a cfg=(E2E_NVME_BDF="$E2E_NVME_BDF" E2E_SEED="$seed")
     local nvme='{"driver":"nvme","serial":"selftest","drive":"disk0","bus":"pcie.0","addr":"0x4"}'
@@ -68,7 +86,8 @@ suite_selftest_nvme() {
     [ "${#E2E_FAILURES[@]}" = 0 ] || return
     nvme_check_file lost-writes "$img" "$seed"
     selftest_expect_failure "writes that never reach the backing file" \
-        "backing file differs from what guest 'lost-writes' read"
+        "backing file differs from what guest 'lost-writes' read" \
+        "the last MiB of the backing file is not the tail pattern"
 
     local blkdebug
     blkdebug="{\"driver\":\"raw\",\"node-name\":\"disk0\",\"file\":{\"driver\":\"blkdebug\",\"image\":{\"driver\":\"file\",\"filename\":\"$img\"},\"inject-error\":[{\"event\":\"read_aio\",\"errno\":5}]}}"
@@ -83,4 +102,21 @@ suite_selftest_nvme() {
     e2e_vm_wait wrong-size 300
     e2e_vm_expect wrong-size bind
     selftest_expect_failure "a namespace of the wrong size" "guest 'wrong-size': bind namespace nvme0n1 is $size bytes, expected"
+}
+
+# The PCI register checks fail on a device that does not behave: QEMU's edu
+# with a wrong expected ID, a liveness register that is not one (edu's
+# factorial register), and a "memory" BAR range that keeps nothing.
+suite_selftest_pci() {
+    selftest_provoking
+    e2e_vm_start edu-wrong pci.sh pci "" pci 256 PCI_BDF=0000:00:04.0 PCI_VENDOR=0x1234 PCI_DEVICE=0x11e8 \
+        PCI_ID_BAR=0 PCI_ID_OFF=0x0 PCI_ID_VALUE=0x010000ee PCI_LIVE_BAR=0 PCI_LIVE_OFF=0x8 \
+        PCI_MEM_BAR=0 PCI_MEM_LEN=256 PCI_CHECKS="enumerate id-register liveness mem-bar" -- \
+        -device '{"driver":"edu","bus":"pcie.0","addr":"0x4"}' || return
+    e2e_vm_wait edu-wrong 300
+    e2e_vm_expect edu-wrong enumerate id-register liveness mem-bar
+    selftest_expect_failure "wrong register values" \
+        "id-register ID register BAR0\+0x0 is 0x10000ed, expected 0x010000ee" \
+        "liveness liveness register: wrote 0x00000000, read 0x1, expected the inverse" \
+        "mem-bar BAR0 does not keep what was written"
 }

@@ -1,0 +1,68 @@
+# shellcheck shell=sh
+# Register-level checks of one PCI function from guest user space, with no
+# driver bound: enumeration, config space, an ID register, a liveness
+# register, and a BAR that behaves as memory. Sourced by /init.
+#
+# Config: PCI_BDF, PCI_VENDOR, PCI_DEVICE (0x-prefixed, as in sysfs),
+#   PCI_ID_BAR PCI_ID_OFF PCI_ID_VALUE       ID register and its value
+#   PCI_LIVE_BAR PCI_LIVE_OFF                liveness: writing X reads ~X
+#   PCI_MEM_BAR PCI_MEM_LEN                  memory BAR to fill and check
+#                                            (empty: no such BAR)
+#   PCI_CHECKS                               the checks to run, in order
+
+dev() { echo "/sys/bus/pci/devices/$PCI_BDF"; }
+present() { [ -e "$(dev)/vendor" ]; }
+
+check_enumerate() {
+    wait_for 10 present || die "no PCI function at $PCI_BDF (lspci: $(lspci -n | tr '\n' ';'))"
+    v=$(cat "$(dev)/vendor")
+    d=$(cat "$(dev)/device")
+    [ "$v:$d" = "$PCI_VENDOR:$PCI_DEVICE" ] || die "function at $PCI_BDF is $v:$d, expected $PCI_VENDOR:$PCI_DEVICE"
+    info "pci $PCI_BDF $v:$d class=$(cat "$(dev)/class") $(lspci -nn -s "$PCI_BDF" | cut -d' ' -f2- | tr ' ' _)"
+    head -n 6 "$(dev)/resource"
+    # Memory decoding on, so that BAR accesses reach the device.
+    echo 1 >"$(dev)/enable"
+}
+
+check_config() {
+    # Config space as the guest reads it: IDs agree with sysfs, and the
+    # capability list (if any) is well formed (lspci walks it).
+    [ "0x$(setpci -s "$PCI_BDF" VENDOR_ID.w)" = "$PCI_VENDOR" ] || die "config VENDOR_ID differs from sysfs"
+    [ "0x$(setpci -s "$PCI_BDF" DEVICE_ID.w)" = "$PCI_DEVICE" ] || die "config DEVICE_ID differs from sysfs"
+    lspci -vvv -nn -s "$PCI_BDF" >/tmp/lspci.txt || die "lspci -vvv failed"
+    cat /tmp/lspci.txt
+    if grep -q 'Capabilities: \[.*\] <chain broken>' /tmp/lspci.txt; then die "broken capability chain"; fi
+}
+
+reg() { pcimem "$(dev)/resource$1" "$2" 32 ${3:+"$3"}; }
+
+check_id_register() {
+    got=$(reg "$PCI_ID_BAR" "$PCI_ID_OFF") || die "cannot read BAR$PCI_ID_BAR+$PCI_ID_OFF"
+    [ $((got)) = $((PCI_ID_VALUE)) ] || die "ID register BAR$PCI_ID_BAR+$PCI_ID_OFF is $got, expected $PCI_ID_VALUE"
+}
+
+check_liveness() {
+    for x in 0x00000000 0xffffffff 0x12345678 0xa5a5a5a5 "$(($(date +%s) & 0xffffffff))"; do
+        reg "$PCI_LIVE_BAR" "$PCI_LIVE_OFF" "$x" || die "cannot write BAR$PCI_LIVE_BAR+$PCI_LIVE_OFF"
+        got=$(reg "$PCI_LIVE_BAR" "$PCI_LIVE_OFF")
+        [ $((got)) = $((~x & 0xffffffff)) ] || die "liveness register: wrote $x, read $got, expected the inverse"
+    done
+}
+
+check_mem_bar() {
+    [ -n "$PCI_MEM_BAR" ] || die "no memory BAR configured"
+    r=$(dev)/resource$PCI_MEM_BAR
+    [ -e "$r" ] || die "BAR$PCI_MEM_BAR does not exist"
+    # Two different patterns, so that a BAR that keeps nothing, or only
+    # the first thing written, is caught.
+    for seed in 1 "$(date +%s)"; do
+        pcimem "$r" 0 fill "$PCI_MEM_LEN" "$seed" || die "filling BAR$PCI_MEM_BAR failed"
+        pcimem "$r" 0 check "$PCI_MEM_LEN" "$seed" || die "BAR$PCI_MEM_BAR does not keep what was written (seed $seed)"
+    done
+}
+
+phase_pci() {
+    for c in $PCI_CHECKS; do
+        check "$c" "check_$(echo "$c" | tr - _)" || [ "$c" != enumerate ] || return 0
+    done
+}
