@@ -130,8 +130,11 @@ e2e_spawn() {
 # e2e_stop NAME SIGNAL GRACE: send SIGNAL, wait up to GRACE s, then SIGKILL.
 # Records the exit status in E2E_STATUS[NAME]; returns 1 if SIGKILL was needed.
 e2e_stop() {
-    local name=$1 sig=$2 grace=$3 pid=${E2E_PID[$1]:-} n forced=0
+    local name=$1 sig=$2 grace=$3 pid=${E2E_PID[$1]:-} n forced=0 e2e_stderr
     [ -n "$pid" ] || return 0
+    # bash reports a background job killed by a signal ("... Killed") on
+    # stderr when it reaps it; here that is the intended outcome, not news.
+    exec {e2e_stderr}>&2 2>/dev/null
     if e2e_is_alive "$name"; then
         kill "-$sig" "$pid" 2>/dev/null || true
         n=$((grace * 10))
@@ -146,6 +149,7 @@ e2e_stop() {
     fi
     wait "$pid" 2>/dev/null
     E2E_STATUS[$name]=$?
+    exec 2>&"$e2e_stderr" {e2e_stderr}>&-
     unset "E2E_PID[$name]"
     [ "$forced" = 0 ]
 }
@@ -256,21 +260,30 @@ e2e_accel() {
     if [ ! -s "$file" ]; then
         e2e_log "probing whether KVM boots the guest (once per host; result in $file)"
         local result=tcg
-        if (E2E_QUIET_FAIL=1 e2e_probe_kvm); then result=kvm; fi
+        if (e2e_probe_kvm "$file"); then result=kvm; fi
+        e2e_log "KVM probe: guests will run with $result (console: $file.console)"
         echo "$result" >"$file"
     fi
     cat "$file"
 }
-e2e_probe_kvm() {
+e2e_probe_kvm() { # runs in a subshell of its own
     E2E_FAILURES=()
+    E2E_NAMES=()
     e2e_run_begin kvm-probe
     VDEVD_E2E_ACCEL=kvm
-    e2e_vm_start probe hello.sh hello "" min 256 -- || return 1
-    e2e_vm_wait probe 60
-    e2e_vm_expect probe hello
+    # shellcheck disable=SC2034 # read by e2e_fail
+    E2E_FAIL_LABEL="KVM cannot boot the guest"
+    if e2e_vm_start probe hello.sh hello "" min 256 --; then
+        e2e_vm_wait probe 30
+        e2e_vm_expect probe hello
+    fi
     e2e_stop_all
+    cat "${E2E_LOG[probe]}/console.log" "${E2E_LOG[probe]}/qemu.log" >"$1.console" 2>/dev/null
+    local n=${#E2E_FAILURES[@]}
+    E2E_FAILURES=()
+    E2E_CLEANUP_REPORTED=1
     rm -rf "$E2E_RUN_DIR"
-    [ "${#E2E_FAILURES[@]}" = 0 ]
+    [ "$n" = 0 ]
 }
 
 # --- guests ----------------------------------------------------------------------------
