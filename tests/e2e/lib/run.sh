@@ -342,6 +342,14 @@ e2e_vm_start() {
 }
 declare -A E2E_VM_T0=()
 
+# e2e_vfio_user_device SOCKET SLOT: the -device JSON of QEMU's vfio-user
+# client for a server on SOCKET, at SLOT (e.g. 0x4) of the root bus. Extra
+# properties: VDEVD_E2E_VFIO_USER_PROPS, e.g. '"x-msg-timeout":20000'.
+e2e_vfio_user_device() {
+    printf '{"driver":"vfio-user-pci","socket":{"type":"unix","path":"%s"},"bus":"pcie.0","addr":"%s"%s}\n' \
+        "$1" "$2" "${VDEVD_E2E_VFIO_USER_PROPS:+,$VDEVD_E2E_VFIO_USER_PROPS}"
+}
+
 e2e_kv() { # e2e_kv KEY VALUE: a line of /e2e/config, single-quoted for sh
     printf "%s='%s'\n" "$1" "${2//\'/\'\\\'\'}"
 }

@@ -39,8 +39,7 @@ nvme_device_args() {
                 -device "{\"driver\":\"nvme\",\"serial\":\"e2e-qemu-nvme\",\"drive\":\"disk0\",\"bus\":\"pcie.0\",\"addr\":\"0x4\"}"
             ;;
         vdevd)
-            printf '%s\n' -device \
-                "{\"driver\":\"vfio-user-pci\",\"socket\":{\"type\":\"unix\",\"path\":\"$3\"},\"bus\":\"pcie.0\",\"addr\":\"0x4\"}"
+            printf '%s\n' -device "$(e2e_vfio_user_device "$3" 0x4)"
             ;;
     esac
 }

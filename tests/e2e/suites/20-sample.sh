@@ -18,19 +18,57 @@ suite_sample_qemu() {
 }
 
 # The sample device's identity and register layout, as its model defines
-# them (devices/src/sample.rs); the values below are the ones this suite
-# checks, and must change with the model.
-: "${VDEVD_E2E_SAMPLE_IDS:=0x1b36:0x0000}"
+# them. Each is a setting so that the suite follows the model (and can be
+# pointed at another vfio-user server):
+#   VDEVD_E2E_SAMPLE_IDS   "VENDOR:DEVICE", e.g. 0x1b36:0x0000 (required)
+#   VDEVD_E2E_SAMPLE_ID    "BAR OFFSET VALUE" of an ID register
+#   VDEVD_E2E_SAMPLE_LIVE  "BAR OFFSET" of a liveness register (X in, ~X out)
+#   VDEVD_E2E_SAMPLE_MMAP  "BAR LENGTH" of the BAR the server lets QEMU mmap:
+#                          the guest fills and checks it, and QEMU's trace
+#                          must show the mapping (vfio_region_mmap)
+: "${VDEVD_E2E_SAMPLE_IDS:=}"
+: "${VDEVD_E2E_SAMPLE_ID:=}"
+: "${VDEVD_E2E_SAMPLE_LIVE:=}"
+: "${VDEVD_E2E_SAMPLE_MMAP:=}"
 
 suite_sample() {
-    local sock=$E2E_RUN_DIR/sample.sock
+    local sock=$E2E_RUN_DIR/sample.sock checks="enumerate config" id live mmap
+    local -a cfg=(PCI_BDF="$E2E_PCI_BDF")
+    if [ -z "$VDEVD_E2E_SAMPLE_IDS" ]; then
+        e2e_fail "the sample device's IDs are not set (VDEVD_E2E_SAMPLE_IDS; defaults come with the device model)"
+        return
+    fi
+    cfg+=(PCI_VENDOR="${VDEVD_E2E_SAMPLE_IDS%%:*}" PCI_DEVICE="${VDEVD_E2E_SAMPLE_IDS#*:}")
+    read -r -a id <<<"$VDEVD_E2E_SAMPLE_ID"
+    read -r -a live <<<"$VDEVD_E2E_SAMPLE_LIVE"
+    read -r -a mmap <<<"$VDEVD_E2E_SAMPLE_MMAP"
+    if [ "${#id[@]}" = 3 ]; then
+        checks+=" id-register"
+        cfg+=(PCI_ID_BAR="${id[0]}" PCI_ID_OFF="${id[1]}" PCI_ID_VALUE="${id[2]}")
+    fi
+    if [ "${#live[@]}" = 2 ]; then
+        checks+=" liveness"
+        cfg+=(PCI_LIVE_BAR="${live[0]}" PCI_LIVE_OFF="${live[1]}")
+    fi
+    if [ "${#mmap[@]}" = 2 ]; then
+        checks+=" mem-bar"
+        cfg+=(PCI_MEM_BAR="${mmap[0]}" PCI_MEM_LEN="${mmap[1]}")
+    fi
     e2e_vdevd_start sample "$sock" sample --socket "$sock" || return
+    # shellcheck disable=SC2086 # $checks is a list
     VDEVD_E2E_QEMU_TRACE=${VDEVD_E2E_QEMU_TRACE:-vfio_region_mmap} \
-        e2e_vm_start sample pci.sh pci "" pci 256 PCI_BDF="$E2E_PCI_BDF" \
-        PCI_VENDOR="${VDEVD_E2E_SAMPLE_IDS%%:*}" PCI_DEVICE="${VDEVD_E2E_SAMPLE_IDS#*:}" \
-        PCI_CHECKS="enumerate config" -- \
-        -device "{\"driver\":\"vfio-user-pci\",\"socket\":{\"type\":\"unix\",\"path\":\"$sock\"},\"bus\":\"pcie.0\",\"addr\":\"0x4\"}" || return
+        e2e_vm_start sample pci.sh pci "" pci 256 "${cfg[@]}" PCI_CHECKS="$checks" -- \
+        -device "$(e2e_vfio_user_device "$sock" 0x4)" || return
     e2e_vm_wait sample 300
-    e2e_vm_expect sample enumerate config
+    # shellcheck disable=SC2086
+    e2e_vm_expect sample $checks
+    if [ "${#mmap[@]}" = 2 ]; then
+        if grep -q "vfio_region_mmap .* BAR ${mmap[0]} mmaps" "${E2E_LOG[sample]}/qemu.log"; then
+            e2e_host_pass "QEMU mmapped BAR${mmap[0]} (vfio_region_mmap)"
+        else
+            e2e_fail "QEMU did not mmap BAR${mmap[0]}: no vfio_region_mmap for it in its trace"
+        fi
+    fi
+    # The server outlives its client; it stops when told to.
     e2e_vdevd_stop sample
 }
