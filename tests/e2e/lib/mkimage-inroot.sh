@@ -74,6 +74,7 @@ if [ -n "$mods" ]; then
     depmod -b "$w" "$kver"
 fi
 
-(cd "$w" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet) | zstd -q -T0 -6 >"$out.tmp"
-mv "$out.tmp" "$out"
+# Built aside and renamed: a concurrent run never sees half an image.
+(cd "$w" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet) | zstd -q -T0 -6 >"$out.tmp.$$"
+mv "$out.tmp.$$" "$out"
 echo "mkimage: $out: $(du -h "$out" | cut -f1) compressed, $(du -sh "$w" | cut -f1) unpacked, $(find "$w/usr/lib/modules" -name '*.ko' 2>/dev/null | wc -l) modules"
