@@ -5,11 +5,16 @@ check_config() {
     [ "$E2E_SUITE" = selftest ] || die "E2E_SUITE is '$E2E_SUITE'"
     info "value $SELFTEST_VALUE"
 }
+check_extras() {
+    grep -qw e2e.selftest=1 /proc/cmdline || die "E2E_VM_APPEND not on the kernel command line"
+    info "extra-file $(cat /e2e/extra/extra.txt)"
+}
 check_failing() { die "deliberate failure"; }
 check_hang() { sleep 3600; }
 phase_ok() {
     check hello check_hello
     check config check_config
+    [ ! -e /e2e/extra ] || check extras check_extras
 }
 phase_failing() {
     check hello check_hello

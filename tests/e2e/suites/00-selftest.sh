@@ -39,9 +39,12 @@ selftest_expect_failure() {
 
 suite_selftest() {
     selftest_provoking
-    e2e_vm_start ok selftest.sh ok "" min 256 SELFTEST_VALUE="a 'quoted' value" -- || return
+    echo "file for the guest $BASHPID" >"$E2E_RUN_DIR/extra.txt"
+    E2E_VM_FILES="$E2E_RUN_DIR/extra.txt:/e2e/extra/extra.txt" E2E_VM_APPEND="e2e.selftest=1" \
+        e2e_vm_start ok selftest.sh ok "" min 256 SELFTEST_VALUE="a 'quoted' value" -- || return
     e2e_vm_wait ok 120
-    e2e_vm_expect ok hello config
+    e2e_vm_expect ok hello config extras
+    [ "$(e2e_vm_info ok extra-file)" = "file for the guest $BASHPID" ] || e2e_fail "selftest: E2E_VM_FILES did not reach the guest"
     [ "$(e2e_vm_info ok value)" = "a 'quoted' value" ] || e2e_fail "selftest: INFO value not passed through"
 
     e2e_vm_start failing selftest.sh failing "" min 256 -- || return
