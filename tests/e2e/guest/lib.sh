@@ -58,19 +58,34 @@ die() {
 # check NAME FUNCTION [ARG...]: run FUNCTION in a subshell with `set -e` and
 # a trace, its output in /tmp/check-NAME.log. It passes if it returns 0; else
 # the reason given to die (or the failing command's status) is reported and
-# the log's tail is shown on the console.
+# the log's tail is shown on the console. A check that runs longer than
+# E2E_CHECK_TIMEOUT seconds (default 300) is killed and fails as timed out,
+# with its log, so a hang names itself before the host's own timeout.
 check() {
     _name=$1
     shift
-    rm -f "$E2E_STATE/reason"
+    rm -f "$E2E_STATE/reason" "$E2E_STATE/timedout"
     e2e_emit "E2E-RUN $_name"
     _t0=$(uptime_s)
     (
         set -e
         set -x
         "$@"
-    ) >"/tmp/check-$_name.log" 2>&1
+    ) >"/tmp/check-$_name.log" 2>&1 &
+    _cpid=$!
+    (
+        sleep "${E2E_CHECK_TIMEOUT:-300}"
+        echo "${E2E_CHECK_TIMEOUT:-300}" >"$E2E_STATE/timedout"
+        kill -KILL "$_cpid"
+    ) 2>/dev/null &
+    _wpid=$!
+    wait "$_cpid"
     _rc=$?
+    kill "$_wpid" 2>/dev/null
+    if [ -e "$E2E_STATE/timedout" ]; then
+        echo "check $_name timed out after $(cat "$E2E_STATE/timedout") s" >"$E2E_STATE/reason"
+        _rc=124
+    fi
     if [ "$_rc" = 0 ]; then
         pass "$_name"
         info "time $_name $_t0 $(uptime_s)"

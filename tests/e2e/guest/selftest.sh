@@ -23,3 +23,10 @@ phase_failing() {
 # PID 1 exiting panics the kernel (QEMU exits without E2E-DONE).
 phase_panic() { exit 1; }
 phase_hang() { check hang check_hang; }
+# A check that hangs is stopped by the guest's own watchdog.
+phase_slow() {
+    # shellcheck disable=SC2034 # read by check (lib.sh)
+    E2E_CHECK_TIMEOUT=3
+    check hang check_hang
+    check hello check_hello
+}

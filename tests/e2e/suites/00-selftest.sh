@@ -65,6 +65,11 @@ suite_selftest() {
     e2e_vm_wait hang 20
     selftest_expect_failure "a guest that hangs" "timed out after .* \\(last started: E2E-RUN hang\\)"
 
+    e2e_vm_start slow selftest.sh slow "" min 256 -- || return
+    e2e_vm_wait slow 120
+    e2e_vm_expect slow hang hello
+    selftest_expect_failure "a check that hangs" "guest 'slow': hang check hang timed out after 3 s"
+
     VDEVD_E2E_VDEVD=/bin/false e2e_vdevd_start dead "$E2E_RUN_DIR/dead.sock" nvme
     selftest_expect_failure "a device server that exits at start" "exited with status 1 before listening"
 }
