@@ -21,6 +21,7 @@
 E2E_SUITES+=(nvme-qemu nvme)
 
 : "${VDEVD_E2E_NVME_MB:=64}"        # namespace size
+: "${VDEVD_E2E_NVME_ARGS:=}"         # more `vdevd nvme` options, e.g. "--direct --queues 2"
 E2E_NVME_BDF=0000:00:04.0            # where the controller sits in the guest
 
 suite_nvme() { nvme_suite vdevd; }
@@ -46,7 +47,8 @@ nvme_device_args() {
 
 nvme_backend_start() { # BACKEND NAME IMAGE SOCKET
     [ "$1" = vdevd ] || return 0
-    e2e_vdevd_start "$2" "$4" nvme --socket "$4" --image "$3"
+    # shellcheck disable=SC2086 # a list of options
+    e2e_vdevd_start "$2" "$4" nvme --socket "$4" --image "$3" $VDEVD_E2E_NVME_ARGS
 }
 nvme_backend_stop() { # BACKEND NAME
     [ "$1" = vdevd ] || return 0
