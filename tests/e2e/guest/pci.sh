@@ -8,6 +8,11 @@
 #   PCI_LIVE_BAR PCI_LIVE_OFF                liveness: writing X reads ~X
 #   PCI_MEM_BAR PCI_MEM_LEN                  memory BAR to fill and check
 #                                            (empty: no such BAR)
+#   PCI_KIND                                 sample | edu: the register
+#                                            layout of factorial and dma
+#   PCI_INTX "ENABLE RAISE ACK"              register writes OFF=VAL that
+#                                            enable, raise and acknowledge
+#                                            an interrupt (ENABLE may be -)
 #   PCI_CHECKS                               the checks to run, in order
 
 dev() { echo "/sys/bus/pci/devices/$PCI_BDF"; }
@@ -59,6 +64,48 @@ check_mem_bar() {
         pcimem "$r" 0 fill "$PCI_MEM_LEN" "$seed" || die "filling BAR$PCI_MEM_BAR failed"
         pcimem "$r" 0 check "$PCI_MEM_LEN" "$seed" || die "BAR$PCI_MEM_BAR does not keep what was written (seed $seed)"
     done
+}
+
+# The factorial unit: sample (FACT_INPUT 0x10, STATUS 0x0c bit 0, 64-bit
+# FACT_RESULT 0x18) or edu (0x08 in and out, status 0x20 bit 0).
+fact_idle() { [ $(($(reg 0 "$1") & 1)) = 0 ]; }
+check_factorial() {
+    case "$PCI_KIND" in
+        sample) n=20 want=2432902008176640000 in=0x10 status=0x0c out=0x18 width=64 ;;
+        edu) n=12 want=479001600 in=0x08 status=0x20 out=0x08 width=32 ;;
+        *) die "no factorial layout for PCI_KIND='$PCI_KIND'" ;;
+    esac
+    reg 0 "$in" "$n"
+    wait_for 5 fact_idle "$status" || die "factorial still busy after 5 s"
+    got=$(pcimem "$(dev)/resource0" "$out" "$width")
+    # busybox arithmetic is signed 64-bit; compare as text
+    [ "$(printf '%u' "$got")" = "$want" ] || die "$n! read as $got ($(printf '%u' "$got")), expected $want"
+}
+
+check_dma() {
+    # The pages dmatest locks must keep their guest-physical address.
+    echo 0 >/proc/sys/vm/compact_unevictable_allowed
+    DMATEST_NO_MASTER=${PCI_DMA_NO_MASTER:-0} dmatest "$PCI_KIND" "$PCI_BDF" ||
+        die "device DMA to/from guest memory misbehaved (see the log)"
+}
+
+uio_dev() { for u in "$(dev)"/uio/uio*; do [ -e "$u" ] && echo "/dev/${u##*/}" && return 0; done; return 1; }
+check_intx() {
+    # shellcheck disable=SC2086 # three words
+    set -- $PCI_INTX
+    [ "$#" = 3 ] || die "PCI_INTX must be 'ENABLE RAISE ACK'"
+    modprobe uio_pci_generic || die "modprobe uio_pci_generic failed"
+    echo "${PCI_VENDOR#0x} ${PCI_DEVICE#0x}" >/sys/bus/pci/drivers/uio_pci_generic/new_id
+    wait_for 5 uio_dev >/dev/null || die "uio_pci_generic did not bind (it needs INTx masking through the command register)"
+    u=$(uio_dev)
+    wait_for 5 test -c "$u" || die "$u did not appear"
+    rc=0
+    out=$(uioirq "$u" "$(dev)/config" "$(dev)/resource0" 5 "$1" "$2" "$3") || rc=$?
+    echo "$out"
+    grep -i uio /proc/interrupts || true
+    echo "$PCI_BDF" >/sys/bus/pci/drivers/uio_pci_generic/unbind
+    [ "$rc" = 0 ] || die "INTx through uio_pci_generic failed"
+    info "intx $out"
 }
 
 phase_pci() {

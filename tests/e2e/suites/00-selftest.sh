@@ -127,4 +127,24 @@ suite_selftest_pci() {
         "id-register ID register BAR0\+0x0 is 0x10000ed, expected 0x010000ee" \
         "liveness liveness register: wrote 0x00000000, read 0x1, expected the inverse" \
         "mem-bar BAR0 does not keep what was written"
+
+    # A DMA that cannot happen (bus mastering left off), an interrupt that is
+    # never raised (the "raise" write goes to the liveness register), and a
+    # factorial unit that is not where the layout says.
+    e2e_vm_start edu-broken pci.sh pci "" pci 256 PCI_BDF=0000:00:04.0 PCI_VENDOR=0x1234 PCI_DEVICE=0x11e8 \
+        PCI_KIND=edu PCI_DMA_NO_MASTER=1 PCI_INTX="- 0x04=1 0x64=1" PCI_CHECKS="enumerate dma intx" -- \
+        -device '{"driver":"edu","bus":"pcie.0","addr":"0x4"}' || return
+    e2e_vm_wait edu-broken 300
+    e2e_vm_expect edu-broken enumerate dma intx
+    selftest_expect_failure "DMA and interrupts that do not happen" \
+        "dma device DMA to/from guest memory misbehaved" \
+        "intx INTx through uio_pci_generic failed"
+    e2e_vm_start edu-sample pci.sh pci "" pci 256 PCI_BDF=0000:00:04.0 PCI_VENDOR=0x1234 PCI_DEVICE=0x11e8 \
+        PCI_KIND=sample PCI_CHECKS="enumerate factorial dma" -- \
+        -device '{"driver":"edu","bus":"pcie.0","addr":"0x4"}' || return
+    e2e_vm_wait edu-sample 300
+    e2e_vm_expect edu-sample enumerate factorial dma
+    selftest_expect_failure "the sample layout on another device" \
+        "factorial (20! read as|factorial still busy)" \
+        "dma device DMA to/from guest memory misbehaved"
 }
