@@ -4,8 +4,11 @@
 //! that serves them. They reach client memory only through
 //! [`dma::DmaSpace`] (and its vm-memory view, [`dma::DmaMemory`]).
 
+pub mod block;
 pub mod device;
 pub mod dma;
+pub mod pci;
+pub mod sample;
 
 pub use device::Device;
 
