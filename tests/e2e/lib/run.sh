@@ -116,9 +116,13 @@ e2e_is_alive() {
 }
 
 # e2e_spawn NAME KIND LOG CMD...: start CMD in the background, output to LOG.
+# NAME must be new in this run: it is the key the pid is recorded under.
 e2e_spawn() {
-    local name=$1 kind=$2 log=$3
+    local name=$1 kind=$2 log=$3 n
     shift 3
+    for n in "${E2E_NAMES[@]}"; do
+        [ "$n" != "$name" ] || e2e_die "harness bug: process name '$name' used twice in one run"
+    done
     "$@" >"$log" 2>&1 </dev/null &
     E2E_PID[$name]=$!
     E2E_PPID[$name]=$BASHPID

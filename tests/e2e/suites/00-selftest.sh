@@ -72,6 +72,14 @@ suite_selftest() {
 
     VDEVD_E2E_VDEVD=/bin/false e2e_vdevd_start dead "$E2E_RUN_DIR/dead.sock" nvme
     selftest_expect_failure "a device server that exits at start" "exited with status 1 before listening"
+
+    # A name is the key a pid is recorded under: reusing one would lose a
+    # process. The library refuses it.
+    if (e2e_spawn dead vdevd /dev/null true) 2>/dev/null; then
+        e2e_fail "selftest: a process name used twice was accepted"
+    else
+        e2e_host_pass "selftest: a process name used twice is refused"
+    fi
 }
 
 # The NVMe checks fail when the controller misbehaves (QEMU's nvme, made to):

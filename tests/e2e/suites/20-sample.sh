@@ -50,7 +50,7 @@ suite_sample() {
     [ "${#id[@]}" != 3 ] || cfg+=(PCI_ID_BAR="${id[0]}" PCI_ID_OFF="${id[1]}" PCI_ID_VALUE="${id[2]}")
     [ "${#live[@]}" != 2 ] || cfg+=(PCI_LIVE_BAR="${live[0]}" PCI_LIVE_OFF="${live[1]}")
     [ "${#mmap[@]}" != 2 ] || cfg+=(PCI_MEM_BAR="${mmap[0]}" PCI_MEM_LEN="${mmap[1]}")
-    e2e_vdevd_start sample "$sock" sample --socket "$sock" || return
+    e2e_vdevd_start vdevd "$sock" sample --socket "$sock" || return
     VDEVD_E2E_QEMU_TRACE=${VDEVD_E2E_QEMU_TRACE:-vfio_region_mmap} \
         e2e_vm_start sample pci.sh pci "" pci 256 "${cfg[@]}" PCI_CHECKS="$checks" -- \
         -device "$(e2e_vfio_user_device "$sock" 0x4)" || return
@@ -65,7 +65,7 @@ suite_sample() {
         fi
     fi
     # The server outlives its client and serves the next one.
-    if e2e_is_alive sample && e2e_unix_listening "$sock"; then
+    if e2e_is_alive vdevd && e2e_unix_listening "$sock"; then
         e2e_vm_start again pci.sh pci "" pci 256 "${cfg[@]}" PCI_CHECKS="enumerate id-register liveness" -- \
             -device "$(e2e_vfio_user_device "$sock" 0x4)" || return
         e2e_vm_wait again 300
@@ -73,5 +73,5 @@ suite_sample() {
     else
         e2e_fail "vdevd does not listen any more after its first client left"
     fi
-    e2e_vdevd_stop sample
+    e2e_vdevd_stop vdevd
 }
