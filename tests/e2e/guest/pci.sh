@@ -108,6 +108,18 @@ check_intx() {
     info "intx $out"
 }
 
+# The checks, then DMA and register traffic without end, until the host
+# kills QEMU (a client that vanishes mid-transfer, as far as the server knows).
+phase_busy() {
+    phase_pci
+    echo 0 >/proc/sys/vm/compact_unevictable_allowed
+    (while :; do dmatest "$PCI_KIND" "$PCI_BDF" >/dev/null 2>&1; done) &
+    (while :; do pcimem "$(dev)/resource0" "$PCI_LIVE_OFF" 32 0x5a5a5a5a; done) &
+    sleep 1
+    mark busy
+    sleep 3600
+}
+
 phase_pci() {
     for c in $PCI_CHECKS; do
         check "$c" "check_$(echo "$c" | tr - _)" || [ "$c" != enumerate ] || return 0

@@ -2,7 +2,8 @@
 # PCI register-level suites, checked from guest user space with no driver:
 #   sample       vdevd's sample device over vfio-user (`vdevd sample --socket S`):
 #                the same, plus factorial, the mmappable buffer, DMA both ways
-#                (and its errors), INTx, and a second client after the first
+#                (and its errors), INTx; then a client killed during DMA, and
+#                a third client served after it
 #   sample-qemu  QEMU's edu device: proves the guest side (enumeration,
 #                config space, ID and liveness registers through
 #                /sys/bus/pci/devices/*/resource0 with the pcimem helper,
@@ -64,14 +65,31 @@ suite_sample() {
             e2e_fail "QEMU did not mmap BAR${mmap[0]}: no vfio_region_mmap for it in its trace"
         fi
     fi
-    # The server outlives its client and serves the next one.
-    if e2e_is_alive vdevd && e2e_unix_listening "$sock"; then
-        e2e_vm_start again pci.sh pci "" pci 256 "${cfg[@]}" PCI_CHECKS="enumerate id-register liveness" -- \
-            -device "$(e2e_vfio_user_device "$sock" 0x4)" || return
-        e2e_vm_wait again 300
-        e2e_vm_expect again enumerate id-register liveness
-    else
-        e2e_fail "vdevd does not listen any more after its first client left"
+    # The server outlives its client and serves the next one, also when
+    # that client is killed in the middle of DMA and register traffic.
+    if ! e2e_is_alive vdevd || ! e2e_unix_listening "$sock"; then
+        e2e_fail "vdevd does not listen any more after its first client powered off"
+        return
     fi
+    e2e_vm_start busy pci.sh busy "" pci 256 "${cfg[@]}" PCI_CHECKS="enumerate" -- \
+        -device "$(e2e_vfio_user_device "$sock" 0x4)" || return
+    if e2e_vm_wait_for busy '^E2E-MARK busy' 300; then
+        sleep 2
+        e2e_vm_kill busy
+        e2e_host_pass "QEMU killed during DMA and register traffic"
+    else
+        e2e_fail "guest 'busy' never got busy"
+        e2e_vm_kill busy
+    fi
+    e2e_vm_expect busy enumerate
+    sleep 1
+    if ! e2e_is_alive vdevd || ! e2e_unix_listening "$sock"; then
+        e2e_fail "vdevd does not listen any more after its client was killed"
+        return
+    fi
+    e2e_vm_start again pci.sh pci "" pci 256 "${cfg[@]}" PCI_CHECKS="enumerate id-register liveness factorial dma" -- \
+        -device "$(e2e_vfio_user_device "$sock" 0x4)" || return
+    e2e_vm_wait again 300
+    e2e_vm_expect again enumerate id-register liveness factorial dma
     e2e_vdevd_stop vdevd
 }
