@@ -30,9 +30,9 @@ set -euo pipefail
 . "$(dirname "$(readlink -f "$0")")/lib.sh"
 
 # The checks iommufd_test and init report, in order.
-BUILTIN_CHECKS="iommu-on vfio-bind dev-nodes cdev-open cdev-refuses-before-bind group-refused-while-cdev-open
-cdev-bind group-refused-while-cdev-bound ioas-attach cdev-bar cdev-factorial cdev-msi-setup ioas-map
-cdev-dma cdev-msi group-open cdev-refused-while-group-open group-container group-bar group-msi-setup
+BUILTIN_CHECKS="iommu-on vfio-bind dev-nodes cdev-open cdev-refuses-before-bind group-open-while-cdev-unbound
+cdev-bind-refused-while-group-open cdev-bind group-refused-while-cdev-bound ioas-attach cdev-bar cdev-factorial cdev-msi-setup ioas-map
+cdev-dma cdev-msi group-open cdev-open-while-group-open group-container group-bar group-msi-setup
 group-dma group-msi shared-ioas-bar shared-ioas-msi-setup shared-ioas-dma shared-ioas-msi
 shared-ioas-dma-a-again shared-ioas-msi-a-again ioas-unmap group-after-cdev-close"
 
