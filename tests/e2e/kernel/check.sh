@@ -127,7 +127,7 @@ t0=$(know)
 "$KDIR/kroot" "${cmd[@]}" >"$run/qemu.log" 2>&1 </dev/null &
 qpid=$!
 t_init="" outcome=""
-deadline=$(($(date +%s) + timeout))
+deadline=$((${EPOCHREALTIME/./} + timeout * 1000000))
 while :; do
     if [ -z "$t_init" ] && grep -q '^E2E-INIT' "$run/console.log"; then
         t_init=$(kelapsed "$t0")
@@ -140,14 +140,17 @@ while :; do
         outcome="QEMU exited before E2E-DONE"
         break
     fi
-    if [ "$(date +%s)" -ge "$deadline" ]; then
+    if [ "${EPOCHREALTIME/./}" -ge "$deadline" ]; then
         outcome="timed out after $timeout s"
         break
     fi
     sleep 0.1
 done
-# QEMU powers off by itself after E2E-DONE; give it a moment, then stop it.
-for _ in $(seq 50); do kill -0 "$qpid" 2>/dev/null || break; sleep 0.1; done
+# After E2E-DONE QEMU powers off by itself: give it a moment, then stop it
+# (at once on a time-out).
+if [ "$outcome" = done ]; then
+    for _ in $(seq 50); do kill -0 "$qpid" 2>/dev/null || break; sleep 0.1; done
+fi
 t_exit=$(kelapsed "$t0")
 stop_qemu
 
@@ -163,6 +166,7 @@ done
 fails=$(grep '^E2E-FAIL' <<<"$con" || true)
 nfail=$(( ${#missing[@]} ))
 [ -z "$fails" ] || nfail=$((nfail + $(grep -c . <<<"$fails")))
+[ "$outcome" = done ] || nfail=$((nfail + 1))
 guest_init=$(sed -n 's/^E2E-INIT uptime=\([0-9.]*\).*/\1/p' <<<"$con")
 klog "kernel $kernel ($(kstamp_get release 2>/dev/null || true))"
 klog "boot to init: ${t_init:-never} s wall (guest uptime ${guest_init:-?} s); run ${t_exit} s; $outcome"
