@@ -58,6 +58,7 @@ mkdir -p "$work"
 klog "building $VDEVD_KERNEL_SRC_PKG $ver (key $key); log: $log"
 
 t_deps=$(know)
+# shellcheck disable=SC2086 # a list of package names
 kroot_pkgs $K_BUILD_PKGS
 d_deps=$(kelapsed "$t_deps")
 

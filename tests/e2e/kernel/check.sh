@@ -79,7 +79,7 @@ trap 'exit 130' INT TERM
 # --- the test program: static, built in the trixie root, cached by source hash
 bin=""
 if [ "$builtin" = 1 ]; then
-    h=$(cat "$KDIR/iommufd_test.c" | sha256sum | cut -c1-16)
+    h=$(sha256sum <"$KDIR/iommufd_test.c" | cut -c1-16)
     bin=$K_OUT/bin/iommufd_test-$h
     if [ ! -x "$bin" ]; then
         kroot_pkgs gcc libc6-dev linux-libc-dev
@@ -110,6 +110,7 @@ rm -rf "$tree"
 
 # --- the guest
 cp "$kernel" "$run/bzImage"
+# shellcheck disable=SC2054 # the commas are QEMU's, inside single arguments
 cmd=(qemu-system-x86_64 -nodefaults -no-user-config -display none -no-reboot
     -accel tcg -cpu max -smp "$smp" -m "$mem"
     -machine q35,kernel-irqchip=split
@@ -133,7 +134,7 @@ while :; do
         t_init=$(kelapsed "$t0")
     fi
     if grep -q '^E2E-DONE' "$run/console.log"; then
-        outcome=done
+        outcome=ok
         break
     fi
     if ! kill -0 "$qpid" 2>/dev/null; then
@@ -148,7 +149,7 @@ while :; do
 done
 # After E2E-DONE QEMU powers off by itself: give it a moment, then stop it
 # (at once on a time-out).
-if [ "$outcome" = done ]; then
+if [ "$outcome" = ok ]; then
     for _ in $(seq 50); do kill -0 "$qpid" 2>/dev/null || break; sleep 0.1; done
 fi
 t_exit=$(kelapsed "$t0")
@@ -157,7 +158,10 @@ stop_qemu
 # --- the verdict
 con=$(tr -d '\r' <"$run/console.log")
 want=()
-[ "$builtin" = 1 ] && want+=($BUILTIN_CHECKS)
+if [ "$builtin" = 1 ]; then
+    read -r -d '' -a builtin_checks <<<"$BUILTIN_CHECKS" || true
+    want+=("${builtin_checks[@]}")
+fi
 want+=("${expects[@]}")
 npass=0 nfail=0 missing=()
 for c in "${want[@]}"; do
@@ -166,13 +170,13 @@ done
 fails=$(grep '^E2E-FAIL' <<<"$con" || true)
 nfail=$(( ${#missing[@]} ))
 [ -z "$fails" ] || nfail=$((nfail + $(grep -c . <<<"$fails")))
-[ "$outcome" = done ] || nfail=$((nfail + 1))
+[ "$outcome" = ok ] || nfail=$((nfail + 1))
 guest_init=$(sed -n 's/^E2E-INIT uptime=\([0-9.]*\).*/\1/p' <<<"$con")
 klog "kernel $kernel ($(kstamp_get release 2>/dev/null || true))"
 klog "boot to init: ${t_init:-never} s wall (guest uptime ${guest_init:-?} s); run ${t_exit} s; $outcome"
-if [ "$outcome" = done ] && [ "$nfail" = 0 ]; then
+if [ "$outcome" = ok ] && [ "$nfail" = 0 ]; then
     grep -E '^E2E-(PASS|INFO)' <<<"$con" | grep -v '^E2E-INFO dmesg\|^E2E-INFO pci' >&2 || true
-    [ "$keep" = 1 ] && klog "run directory: $run" || rm -rf "$run"
+    if [ "$keep" = 1 ]; then klog "run directory: $run"; else rm -rf "$run"; fi
     echo "iommufd: $npass passed, 0 failed"
     exit 0
 fi
@@ -183,7 +187,7 @@ cat "$run/qemu.log" >&2
 echo "----" >&2
 [ -z "$fails" ] || printf '%s\n' "$fails" >&2
 [ "${#missing[@]}" = 0 ] || klog "no E2E-PASS for: ${missing[*]}"
-[ "$outcome" = done ] || klog "FAIL: $outcome"
+[ "$outcome" = ok ] || klog "FAIL: $outcome"
 klog "run directory kept: $run"
 echo "iommufd: $npass passed, $nfail failed"
 exit 1

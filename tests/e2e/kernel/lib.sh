@@ -1,4 +1,6 @@
-# shellcheck shell=bash
+# shellcheck shell=bash disable=SC2034,SC2016
+# (the K_* settings are used by the scripts that source this file; the
+# single-quoted ${...} are dpkg-query formats)
 # Settings and helpers shared by build.sh and check.sh. Sourced, never run.
 #
 # Everything lives in the e2e cache, outside the repository:
