@@ -50,6 +50,20 @@ impl SharedMemory {
         })
     }
 
+    /// Map `len` bytes of `file` from `offset` (e.g. a region's descriptor
+    /// from the server).
+    pub fn map_file(file: File, offset: u64, len: u64) -> Result<SharedMemory, Error> {
+        let len = usize::try_from(len).map_err(|_| Error::Unexpected("mapping size".into()))?;
+        let clone = file.try_clone().map_err(|e| Error::io("dup", e))?;
+        let map = MmapRegion::from_file(FileOffset::new(clone, offset), len)
+            .map_err(|e| Error::Unexpected(format!("mmap: {e}")))?;
+        Ok(SharedMemory {
+            file,
+            map,
+            name: String::new(),
+        })
+    }
+
     /// Size in bytes.
     pub fn len(&self) -> u64 {
         self.map.len() as u64

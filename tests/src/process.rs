@@ -80,8 +80,22 @@ pub struct ServerProcess {
 impl ServerProcess {
     /// Run `bin DEVICE --socket DIR/DEVICE.sock ARGS...` with `RUST_LOG`
     /// set to `log_filter`, its log (stderr) going to a file, and wait
-    /// until it listens (it prints its banner after binding).
+    /// until it listens and has settled (see [`ServerProcess::spawn`]).
     pub fn start(
+        bin: &Path,
+        device: &str,
+        args: &[&str],
+        log_filter: &str,
+    ) -> Result<ServerProcess, Error> {
+        let mut s = ServerProcess::spawn(bin, device, args, log_filter)?;
+        s.wait_settled()?;
+        Ok(s)
+    }
+
+    /// Like [`ServerProcess::start`], but return as soon as the banner
+    /// (printed once the sockets listen) has been read, without waiting
+    /// for the main thread to settle in its signal loop.
+    pub fn spawn(
         bin: &Path,
         device: &str,
         args: &[&str],
@@ -132,6 +146,57 @@ impl ServerProcess {
                 )))
             }
         }
+    }
+
+    /// Wait until every thread of the process sleeps in the kernel, seen
+    /// twice in a row. vdevd prints its banner once its sockets listen; its
+    /// signal loop and the devices' worker threads set up their own
+    /// descriptors around then. Once all its threads wait (in `epoll_wait`,
+    /// when idle), that is done and descriptor counts are comparable.
+    fn wait_settled(&mut self) -> Result<(), Error> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        let mut calm = 0;
+        while calm < 2 {
+            calm = if self.all_threads_asleep()? {
+                calm + 1
+            } else {
+                0
+            };
+            if !self.is_running() {
+                return Err(Error::Unexpected(format!(
+                    "vdevd exited while starting; log:\n{}",
+                    self.log()
+                )));
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Timeout {
+                    timeout: START_TIMEOUT,
+                    what: "vdevd's threads to settle".into(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        Ok(())
+    }
+
+    /// Whether every thread is in interruptible sleep (state S).
+    fn all_threads_asleep(&self) -> Result<bool, Error> {
+        let dir = format!("/proc/{}/task", self.pid());
+        let mut any = false;
+        for entry in std::fs::read_dir(&dir).map_err(|e| Error::io(dir.clone(), e))? {
+            let entry = entry.map_err(|e| Error::io(dir.clone(), e))?;
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            let state = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next());
+            if state != Some("S") {
+                return Ok(false);
+            }
+            any = true;
+        }
+        Ok(any)
     }
 
     /// The socket it serves on.
@@ -244,8 +309,9 @@ impl ServerProcess {
         String::from_utf8_lossy(new).into_owned()
     }
 
-    /// Stop it with SIGTERM and wait for it to exit.
-    pub fn stop(mut self) -> Result<ExitStatus, Error> {
+    /// Stop it with SIGTERM and wait for it to exit. Its directory stays
+    /// until the value is dropped.
+    pub fn stop(&mut self) -> Result<ExitStatus, Error> {
         self.signal(libc::SIGTERM)?;
         self.wait(START_TIMEOUT)
     }
@@ -359,7 +425,7 @@ mod tests {
         .unwrap();
         std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .unwrap();
-        let mut s = ServerProcess::start(&script, "sample", &[], "info").unwrap();
+        let mut s = ServerProcess::spawn(&script, "sample", &[], "info").unwrap();
         assert!(s.socket().ends_with("sample.sock"));
         assert!(s.is_running());
         // stdin, stdout and stderr at least
@@ -375,5 +441,6 @@ mod tests {
         assert_eq!(s.new_log(), "");
         let status = s.stop().unwrap();
         assert_eq!(status.code(), None, "ended by SIGTERM");
+        assert!(!s.is_running());
     }
 }
