@@ -531,6 +531,11 @@ fn cases() -> Vec<Case> {
             b.extend_from_slice(&[0; 4]);
             send(x, REGION_WRITE, &b, &[fd])
         }),
+        case("REGION_READ with 200 fds", Qemu, Errno(EINVAL), |x| {
+            let e = eventfds(200);
+            let fds: Vec<RawFd> = e.iter().map(|f| f.as_raw_fd()).collect();
+            send(x, REGION_READ, &access(0, 0, 4), &fds)
+        }),
         // --- info queries -------------------------------------------------
         case("DEVICE_GET_INFO short payload", Qemu, Errno(EINVAL), |x| {
             send(x, GET_INFO, &u32s(&[16]), &[])
