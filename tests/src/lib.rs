@@ -9,6 +9,7 @@
 //! * [`SharedMemory`] is a memfd the client maps and passes with DMA_MAP.
 //! * [`ServerProcess`] starts the `vdevd` binary on a socket in a temporary
 //!   directory and reads its open descriptor count, CPU time and log.
+//! * [`bench`] measures servers from outside (for `wirebench`).
 //! * [`sample`] drives the sample device (config space, MSI-X, DMA engine)
 //!   through a client.
 //!
@@ -16,6 +17,7 @@
 //! (cargo builds the `vdevd` binary for it and passes its path); the
 //! benchmark is `src/bin/wirebench.rs`.
 
+pub mod bench;
 pub mod client;
 pub mod memory;
 pub mod process;

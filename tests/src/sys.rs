@@ -271,6 +271,17 @@ pub fn memfd(name: &str, size: u64, seal: bool) -> io::Result<File> {
     Ok(file)
 }
 
+/// Create a FIFO at `path` (mode 0600).
+pub fn mkfifo(path: &std::path::Path) -> io::Result<()> {
+    let c = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str()))
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: a valid NUL-terminated path; mkfifo only reads it.
+    if unsafe { libc::mkfifo(c.as_ptr(), 0o600) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
