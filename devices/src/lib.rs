@@ -4,6 +4,7 @@
 //! that serves them. They reach client memory only through
 //! [`dma::DmaSpace`] (and its vm-memory view, [`dma::DmaMemory`]).
 
+pub mod block;
 pub mod device;
 pub mod dma;
 pub mod pci;
