@@ -41,6 +41,9 @@ use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::event::{
+    EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
+};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use vdevd_devices::virtio::{self, VirtioDevice, features};
@@ -176,6 +179,22 @@ impl<D: VirtioDevice> VhostUserBackend for Backend<D> {
     fn update_memory(&self, mem: Memory) -> io::Result<()> {
         *self.mem.lock().unwrap_or_else(|e| e.into_inner()) = Some(mem);
         Ok(())
+    }
+
+    /// Without an exit event a worker thread never leaves its loop, and the
+    /// crate joins the workers when a session's handler is dropped: the
+    /// next front-end would never be accepted.
+    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
+            Ok(pair) => Some(pair),
+            Err(e) => {
+                log::error!(
+                    "{}: exit event for worker {thread_index}: {e}; the session cannot end cleanly",
+                    self.name
+                );
+                None
+            }
+        }
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
@@ -361,7 +380,10 @@ fn serve<D: VirtioDevice>(
         }
         device.reset();
         match result {
-            Ok(()) => log::info!("{name}: front-end disconnected (session {sessions})"),
+            Ok(())
+            | Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected,
+            )) => log::info!("{name}: front-end disconnected (session {sessions})"),
             Err(e) => log::warn!("{name}: session {sessions} ended: {e}"),
         }
     }
