@@ -31,6 +31,7 @@
 //! device that cannot go on, and what QEMU does.
 
 pub mod blk;
+pub mod fuzz;
 pub mod pci;
 
 #[cfg(test)]
