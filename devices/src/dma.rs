@@ -477,6 +477,17 @@ impl DmaSpace {
             .collect()
     }
 
+    /// The mapping that is exactly `iova`+`size`, if there is one (what
+    /// [`DmaSpace::unmap`] would remove). O(log n).
+    pub fn find(&self, iova: u64, size: u64) -> Option<DmaRange> {
+        self.current
+            .load()
+            .regions
+            .get(&iova)
+            .filter(|r| r.size == size)
+            .map(|r| r.range())
+    }
+
     /// Add a mapping. Fails with [`DmaError::Overlap`] if any byte of the
     /// range is already mapped.
     pub fn map(&self, req: MapRequest) -> Result<DmaRange, DmaError> {
@@ -1195,7 +1206,15 @@ mod tests {
             space.unmap(0x2000, 0x1000),
             Err(DmaError::NotFound { .. })
         ));
+        assert_eq!(space.find(0x1000, 0x1000), None);
+        assert_eq!(space.find(0x2000, 0x1000), None);
+        let found = space.find(0x1000, 0x2000).unwrap();
+        assert_eq!(
+            (found.iova, found.size, found.kind),
+            (0x1000, 0x2000, BackingKind::Mapped)
+        );
         space.unmap(0x1000, 0x2000).unwrap();
+        assert_eq!(space.find(0x1000, 0x2000), None);
         let mut b = [0u8; 1];
         assert!(matches!(
             space.read(0x1000, &mut b),

@@ -8,6 +8,8 @@ pub mod block;
 pub mod device;
 pub mod dma;
 pub mod nvme;
+pub mod pci;
+pub mod sample;
 
 pub use device::Device;
 

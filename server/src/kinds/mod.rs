@@ -1,0 +1,154 @@
+//! The device types vdevd can serve.
+//!
+//! Each type lives in its own module: it declares its options (for the
+//! command line with clap, for a configuration file with serde) and builds
+//! its [`Device`]. Adding a type means adding a module, a variant of
+//! [`DeviceCommand`] and an arm in [`from_table`]; the server core is not
+//! touched.
+
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+use vdevd_devices::Device;
+use vdevd_devices::dma::DmaSpace;
+
+use crate::cli::SocketArgs;
+use crate::error::Error;
+
+pub mod sample;
+
+/// A device type: its name, its options and how to build it.
+///
+/// The options struct serves both the command line and configuration
+/// files, so its defaults must agree: implement `Default`, mark the struct
+/// `#[serde(deny_unknown_fields, default)]` and take each clap
+/// `default_value_t` from `Default`.
+pub trait DeviceType {
+    /// Name on the command line and in configuration files.
+    const NAME: &'static str;
+    /// The type's options.
+    type Options: clap::Args + DeserializeOwned + Send + 'static;
+    /// Build a device that reaches client memory through `dma`.
+    fn build(options: Self::Options, dma: Arc<DmaSpace>) -> Result<Box<dyn Device>, Error>;
+}
+
+/// Builds a device once its DMA address space exists.
+pub type Builder = Box<dyn FnOnce(Arc<DmaSpace>) -> Result<Box<dyn Device>, Error> + Send>;
+
+fn builder<T: DeviceType>(options: T::Options) -> Builder {
+    Box::new(move |dma| T::build(options, dma))
+}
+
+/// The socket options and the type's own options of a device subcommand.
+#[derive(Debug, clap::Args)]
+pub struct DeviceArgs<O: clap::Args> {
+    /// Where to listen.
+    #[command(flatten, next_help_heading = "Socket (one of)")]
+    pub socket: SocketArgs,
+    /// The device's options.
+    #[command(flatten, next_help_heading = "Device options")]
+    pub options: O,
+}
+
+const SAMPLE_EXAMPLES: &str = "\
+Examples:
+  vdevd sample
+  vdevd sample --socket /run/vdevd/sample0.sock --msix-vectors 8 --buffer-size 1048576
+  vdevd sample --fd 3        # a listening socket inherited from the parent";
+
+/// The device subcommands.
+#[derive(Debug, clap::Subcommand)]
+pub enum DeviceCommand {
+    /// The sample PCI device: registers, a DMA engine, an mmappable buffer,
+    /// MSI-X/MSI/INTx (vendor 1234, device 5344)
+    #[command(after_long_help = SAMPLE_EXAMPLES)]
+    Sample(DeviceArgs<sample::SampleOptions>),
+    #[cfg(test)]
+    /// A device for the command line tests.
+    Fake(DeviceArgs<tests::FakeOptions>),
+}
+
+impl DeviceCommand {
+    /// The type's name, where to listen, and the builder.
+    pub fn into_parts(self) -> (&'static str, SocketArgs, Builder) {
+        match self {
+            DeviceCommand::Sample(a) => (
+                sample::Sample::NAME,
+                a.socket,
+                builder::<sample::Sample>(a.options),
+            ),
+            #[cfg(test)]
+            DeviceCommand::Fake(a) => (
+                tests::Fake::NAME,
+                a.socket,
+                builder::<tests::Fake>(a.options),
+            ),
+        }
+    }
+}
+
+/// Names of every device type.
+pub fn names() -> Vec<&'static str> {
+    vec![
+        sample::Sample::NAME,
+        #[cfg(test)]
+        tests::Fake::NAME,
+    ]
+}
+
+fn parse<T: DeviceType>(table: toml::Table) -> Result<Builder, Error> {
+    let options: T::Options = toml::Value::Table(table)
+        .try_into()
+        .map_err(|e| Error::Config(format!("{} options: {e}", T::NAME)))?;
+    Ok(builder::<T>(options))
+}
+
+/// The builder for a `[[device]]` table of type `kind` (its remaining
+/// keys are the type's options).
+pub fn from_table(kind: &str, table: toml::Table) -> Result<Builder, Error> {
+    if kind == sample::Sample::NAME {
+        return parse::<sample::Sample>(table);
+    }
+    #[cfg(test)]
+    if kind == tests::Fake::NAME {
+        return parse::<tests::Fake>(table);
+    }
+    Err(Error::Config(format!(
+        "unknown device type {kind:?} (known: {})",
+        names().join(", ")
+    )))
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    /// A device type whose build only records its options.
+    pub struct Fake;
+
+    #[derive(Clone, Debug, clap::Args, Deserialize, PartialEq)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct FakeOptions {
+        /// A number.
+        #[arg(long, default_value_t = FakeOptions::default().level)]
+        pub level: u32,
+    }
+
+    impl Default for FakeOptions {
+        fn default() -> Self {
+            FakeOptions { level: 1 }
+        }
+    }
+
+    impl DeviceType for Fake {
+        const NAME: &'static str = "fake";
+        type Options = FakeOptions;
+        fn build(options: FakeOptions, _dma: Arc<DmaSpace>) -> Result<Box<dyn Device>, Error> {
+            Err(Error::Config(format!(
+                "fake device level {}",
+                options.level
+            )))
+        }
+    }
+}
