@@ -37,6 +37,10 @@ pub trait InterruptSink: Send + Sync {
     /// Whether MSI-X is enabled. When it is not, all completion queues
     /// share one interrupt, which INTMS/INTMC can mask.
     fn msix_enabled(&self) -> bool;
+    /// Set the level of the single interrupt (used while MSI-X is off):
+    /// asserted while a completion queue with interrupts enabled holds
+    /// entries the host has not consumed and INTMS does not mask it.
+    fn set_intx(&self, asserted: bool);
 }
 
 /// How guest doorbell writes reach the controller.
@@ -124,8 +128,8 @@ impl Default for NvmeConfig {
             serial: "VDEVD0001".into(),
             model: "vdevd NVMe controller".into(),
             firmware: env!("CARGO_PKG_VERSION").into(),
-            vendor_id: 0x1b36,
-            subsystem_vendor_id: 0x1af4,
+            vendor_id: super::pci::VENDOR_ID,
+            subsystem_vendor_id: super::pci::VENDOR_ID,
             mdts: 8,
         }
     }
@@ -276,6 +280,8 @@ pub(crate) struct Shared {
     flr: Mutex<(u64, u64)>,
     flr_cv: Condvar,
     pub stop: AtomicBool,
+    /// PCI Command.Bus_Master: no DMA while clear.
+    pub bus_master: AtomicBool,
     pub started: Instant,
 }
 
@@ -354,6 +360,44 @@ impl Shared {
             self.irq.signal(cq.vector);
         } else if self.intms.load(Ordering::Acquire) & 1 == 0 {
             self.irq.signal(0);
+        }
+    }
+
+    /// Whether the single (INTx / MSI) interrupt should be asserted: some
+    /// completion queue with interrupts enabled holds entries the host has
+    /// not consumed, and INTMS does not mask it.
+    pub(crate) fn intx_pending(&self) -> bool {
+        let sh = self;
+        if sh.intms.load(Ordering::Acquire) & 1 != 0 {
+            return false;
+        }
+        let shadow = sh.shadow.load(Ordering::Acquire);
+        let view = (shadow != 0).then(|| sh.dma.memory());
+        for (q, owner) in sh.cq_owner.iter().enumerate() {
+            if owner.load(Ordering::Acquire) == OWNER_NONE
+                || !sh.cq_ien.get(q).is_some_and(|i| i.load(Ordering::Acquire))
+            {
+                continue;
+            }
+            let tail = sh.cq_tail.get(q).map_or(0, |t| t.load(Ordering::Acquire));
+            let mut head = sh.db.cq_head(q as u16);
+            if let (Some(view), true) = (&view, q > 0) {
+                let mut b = [0u8; 4];
+                if view.read(shadow + 8 * q as u64 + 4, &mut b).is_ok() {
+                    head = u32::from_le_bytes(b);
+                }
+            }
+            if head != tail {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Recompute the single interrupt's level (MSI-X off).
+    pub(crate) fn update_intx(&self) {
+        if !self.irq.msix_enabled() {
+            self.irq.set_intx(self.intx_pending());
         }
     }
 
@@ -591,7 +635,7 @@ impl IoWorker {
 
     /// Process what the queues hold. Returns whether anything was done.
     fn service(&mut self) -> bool {
-        if self.sh.is_fatal() {
+        if self.sh.is_fatal() || !self.sh.bus_master.load(Ordering::Acquire) {
             return false;
         }
         let sh = self.sh.clone();
@@ -983,7 +1027,7 @@ impl CtrlThread {
 
     fn service_admin(&mut self) -> bool {
         let sh = self.sh.clone();
-        if !self.enabled || sh.is_fatal() {
+        if !self.enabled || sh.is_fatal() || !sh.bus_master.load(Ordering::Acquire) {
             return false;
         }
         let mut g = Guest::new(&sh.dma);
@@ -1153,6 +1197,10 @@ impl CtrlThread {
                 sh.csts.fetch_and(!csts::SHST_MASK, Ordering::SeqCst);
             }
             work |= self.service_admin();
+            if !trap {
+                // CQ head doorbells are not trapped: follow them here.
+                sh.update_intx();
+            }
             let deadline = self.keep_alive();
             if work {
                 idle.busy();
@@ -1238,6 +1286,7 @@ impl NvmeController {
             flr: Mutex::new((0, 0)),
             flr_cv: Condvar::new(),
             stop: AtomicBool::new(false),
+            bus_master: AtomicBool::new(true),
             started: Instant::now(),
             cfg,
         });
@@ -1362,10 +1411,11 @@ impl NvmeController {
         match off {
             reg::INTMS => {
                 sh.intms.fetch_or(v, Ordering::SeqCst);
+                sh.update_intx();
             }
             reg::INTMC => {
                 let old = sh.intms.fetch_and(!v, Ordering::SeqCst);
-                if old & v & 1 != 0 && !sh.irq.msix_enabled() && self.intx_pending() {
+                if old & v & 1 != 0 && !sh.irq.msix_enabled() && sh.intx_pending() {
                     sh.irq.signal(0);
                 }
             }
@@ -1412,37 +1462,28 @@ impl NvmeController {
         }
         sh.db.set(idx, v);
         sh.wake(owner);
+        if !sq {
+            // The host consumed completions: the INTx level may drop.
+            sh.update_intx();
+        }
     }
 
     /// Whether the single (INTx / MSI) interrupt should be asserted: some
     /// completion queue with interrupts enabled holds entries the host has
     /// not consumed, and INTMS does not mask it.
     pub fn intx_pending(&self) -> bool {
-        let sh = &self.sh;
-        if sh.intms.load(Ordering::Acquire) & 1 != 0 {
-            return false;
-        }
-        let shadow = sh.shadow.load(Ordering::Acquire);
-        let view = (shadow != 0).then(|| sh.dma.memory());
-        for (q, owner) in sh.cq_owner.iter().enumerate() {
-            if owner.load(Ordering::Acquire) == OWNER_NONE
-                || !sh.cq_ien.get(q).is_some_and(|i| i.load(Ordering::Acquire))
-            {
-                continue;
-            }
-            let tail = sh.cq_tail.get(q).map_or(0, |t| t.load(Ordering::Acquire));
-            let mut head = sh.db.cq_head(q as u16);
-            if let (Some(view), true) = (&view, q > 0) {
-                let mut b = [0u8; 4];
-                if view.read(shadow + 8 * q as u64 + 4, &mut b).is_ok() {
-                    head = u32::from_le_bytes(b);
-                }
-            }
-            if head != tail {
-                return true;
+        self.sh.intx_pending()
+    }
+
+    /// PCI Command.Bus_Master changed: the controller does no DMA while it
+    /// is clear.
+    pub fn set_bus_master(&self, enabled: bool) {
+        self.sh.bus_master.store(enabled, Ordering::SeqCst);
+        if enabled {
+            for t in self.sh.threads.iter().filter_map(OnceLock::get) {
+                t.unpark();
             }
         }
-        false
     }
 
     /// Function level reset: back to the power-on state. Waits (bounded)

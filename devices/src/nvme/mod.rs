@@ -12,6 +12,7 @@ mod ctrl;
 mod dptr;
 mod guest;
 mod io;
+mod pci;
 mod queue;
 pub mod spec;
 
@@ -23,6 +24,9 @@ pub use ctrl::{
     PollConfig,
 };
 pub use io::{NSID, Namespace};
+pub use pci::{
+    BAR0_SIZE, CLASS_CODE, DEVICE_ID, MSIX_PBA, MSIX_TABLE, NvmeDevice, NvmeFunction, VENDOR_ID,
+};
 
 use crate::block::BlockBackend;
 use crate::dma::DmaSpace;

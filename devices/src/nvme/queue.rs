@@ -164,13 +164,20 @@ impl Cq {
 pub(crate) const DOORBELL_PAGE: usize = 4096;
 
 /// The doorbell registers: SQ y tail at dword 2y, CQ y head at dword 2y+1.
-/// In mmap mode the page is a sealed memfd the client maps, so guest
+/// In mmap mode the page is part of a sealed memfd the client maps, so guest
 /// doorbell writes land here without a message; in trap mode it is private
 /// memory written by region writes.
 pub(crate) struct Doorbells {
     region: MmapRegion<()>,
+    /// Offset of the doorbell page in `region`.
+    base: usize,
     fd: Option<Arc<OwnedFd>>,
 }
+
+/// Offset of the doorbell page in the shared memfd: the file mirrors BAR0
+/// from offset 0, so the client maps BAR0 offset 0x1000 at file offset
+/// 0x1000. The register page before it is never mapped.
+pub(crate) const DOORBELL_FILE_OFFSET: u64 = 0x1000;
 
 impl std::fmt::Debug for Doorbells {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -207,19 +214,25 @@ impl Doorbells {
     pub(crate) fn new(shared: bool) -> io::Result<Doorbells> {
         if !shared {
             let region = MmapRegion::new(DOORBELL_PAGE).map_err(io::Error::other)?;
-            return Ok(Doorbells { region, fd: None });
+            return Ok(Doorbells {
+                region,
+                base: 0,
+                fd: None,
+            });
         }
-        let file = sealed_memfd(DOORBELL_PAGE)?;
+        let base = DOORBELL_FILE_OFFSET as usize;
+        let file = sealed_memfd(base + DOORBELL_PAGE)?;
         let fd = Arc::new(OwnedFd::from(file.try_clone()?));
         let region = MmapRegion::build(
             Some(FileOffset::new(file, 0)),
-            DOORBELL_PAGE,
+            base + DOORBELL_PAGE,
             libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_SHARED,
         )
         .map_err(io::Error::other)?;
         Ok(Doorbells {
             region,
+            base,
             fd: Some(fd),
         })
     }
@@ -228,7 +241,9 @@ impl Doorbells {
         if idx >= DOORBELL_PAGE / 4 {
             return None;
         }
-        self.region.get_atomic_ref::<AtomicU32>(idx * 4).ok()
+        self.region
+            .get_atomic_ref::<AtomicU32>(self.base + idx * 4)
+            .ok()
     }
 
     /// Dword `idx` (0 outside the page).
@@ -268,7 +283,8 @@ impl Doorbells {
         }
     }
 
-    /// The memfd behind the page (mmap mode).
+    /// The memfd behind the page (mmap mode); the page is at
+    /// [`DOORBELL_FILE_OFFSET`].
     pub(crate) fn fd(&self) -> Option<&Arc<OwnedFd>> {
         self.fd.as_ref()
     }
@@ -314,7 +330,8 @@ mod tests {
         assert!(file.set_len(0).is_err());
         // A write through another mapping of the file (the client's) is seen.
         use std::os::unix::fs::FileExt;
-        file.write_all_at(&7u32.to_le_bytes(), 8).unwrap();
+        file.write_all_at(&7u32.to_le_bytes(), DOORBELL_FILE_OFFSET + 8)
+            .unwrap();
         assert_eq!(db.sq_tail(1), 7);
         db.set(3, 9);
         assert_eq!(db.cq_head(1), 9);

@@ -23,6 +23,7 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 struct FakeIrq {
     vectors: Vec<EventFd>,
     msix: AtomicBool,
+    level: AtomicBool,
 }
 
 impl FakeIrq {
@@ -32,6 +33,7 @@ impl FakeIrq {
                 .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
                 .collect(),
             msix: AtomicBool::new(true),
+            level: AtomicBool::new(false),
         }
     }
     /// Interrupts seen on `v` since the last call.
@@ -48,6 +50,9 @@ impl InterruptSink for FakeIrq {
     }
     fn msix_enabled(&self) -> bool {
         self.msix.load(Ordering::SeqCst)
+    }
+    fn set_intx(&self, asserted: bool) {
+        self.level.store(asserted, Ordering::SeqCst);
     }
 }
 
@@ -441,7 +446,7 @@ fn enable_identify_and_registers() {
     // The admin vector fired for nothing yet.
     let (st, id) = h.identify(1, 0);
     assert_eq!(st, Status::SUCCESS);
-    assert_eq!(u16::from_le_bytes([id[0], id[1]]), 0x1b36);
+    assert_eq!(u16::from_le_bytes([id[0], id[1]]), 0x1234);
     assert_eq!(&id[4..14], b"TESTSERIAL");
     assert_eq!(id[14], b' ');
     assert_eq!(id[77], 8, "MDTS");
@@ -1053,6 +1058,7 @@ fn without_msix_one_interrupt_masked_by_intms() {
     );
     assert_eq!(h.irq.take(2), 0);
     assert!(!h.ctrl.intx_pending(), "host consumed every entry");
+    assert!(!h.irq.level.load(Ordering::SeqCst), "line deasserted");
     // Masked: completions arrive without an interrupt; unmasking with
     // entries pending raises one.
     h.w32(reg::INTMS, 1);
@@ -1455,7 +1461,7 @@ fn mmap_doorbells_are_polled() {
     h.put(p.sq, &cmd.to_bytes());
     p.sq_tail = 1;
     h.pairs[1] = Some(p);
-    page.write_all_at(&1u32.to_le_bytes(), 8).unwrap();
+    page.write_all_at(&1u32.to_le_bytes(), 0x1000 + 8).unwrap();
     let c = h.wait(1);
     assert_eq!((c.cid, c.status), (77, Status::SUCCESS));
     assert_eq!(
