@@ -3,12 +3,13 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 use vdevd_devices::Device;
 use vdevd_devices::block::{BlockBackend, FileBackend, FileOptions, MemBackend};
 use vdevd_devices::dma::DmaSpace;
-use vdevd_devices::nvme::{DoorbellMode, MAX_IO_QUEUES, NvmeConfig, NvmeFunction};
+use vdevd_devices::nvme::{DoorbellMode, MAX_IO_QUEUES, NvmeConfig, NvmeFunction, PollConfig};
 
 use super::DeviceType;
 use crate::error::Error;
@@ -107,6 +108,14 @@ pub struct NvmeOptions {
     /// Threads processing I/O queues (1 to --queues)
     #[arg(long, value_name = "N", default_value_t = NvmeOptions::default().io_threads)]
     pub io_threads: usize,
+    /// Keep polling the queues this many microseconds after the last
+    /// command before sleeping
+    #[arg(long, value_name = "US", default_value_t = NvmeOptions::default().poll_spin_us)]
+    pub poll_spin_us: u64,
+    /// With --doorbells mmap: longest sleep between polls in microseconds
+    /// (the latency an idle device can add, and what sets its idle CPU use)
+    #[arg(long, value_name = "US", default_value_t = NvmeOptions::default().poll_max_sleep_us)]
+    pub poll_max_sleep_us: u64,
     /// Serial number, up to 20 characters (default: derived from the image
     /// path, or random for an in-memory namespace)
     #[arg(long, value_name = "TEXT")]
@@ -128,6 +137,8 @@ impl Default for NvmeOptions {
                 DoorbellMode::Mmap => Doorbells::Mmap,
             },
             io_threads: c.io_threads,
+            poll_spin_us: c.poll.spin.as_micros() as u64,
+            poll_max_sleep_us: c.poll.max_sleep.as_micros() as u64,
             serial: None,
         }
     }
@@ -196,8 +207,24 @@ impl NvmeOptions {
                 self.queues
             )));
         }
+        if self.poll_max_sleep_us == 0 || self.poll_max_sleep_us > 1_000_000 {
+            return Err(Error::Config(format!(
+                "nvme: --poll-max-sleep-us {} (1 to 1000000)",
+                self.poll_max_sleep_us
+            )));
+        }
+        let defaults = NvmeConfig::default().poll;
+        let max_sleep = Duration::from_micros(self.poll_max_sleep_us);
+        let poll = PollConfig {
+            spin: Duration::from_micros(self.poll_spin_us.min(1_000_000)),
+            min_sleep: defaults.min_sleep.min(max_sleep),
+            active_sleep: defaults.active_sleep.min(max_sleep),
+            max_sleep,
+            ..defaults
+        };
         Ok(NvmeConfig {
             max_io_queues: self.queues,
+            poll,
             io_threads: self.io_threads,
             doorbells: match self.doorbells {
                 Doorbells::Trap => DoorbellMode::Trap,
@@ -287,6 +314,10 @@ mod tests {
             },
             NvmeOptions {
                 serial: Some("x".repeat(21)),
+                ..NvmeOptions::default()
+            },
+            NvmeOptions {
+                poll_max_sleep_us: 0,
                 ..NvmeOptions::default()
             },
         ] {
