@@ -284,6 +284,8 @@ pub(crate) struct Shared {
     pub threads: Vec<OnceLock<Thread>>,
     pub ctl: Vec<WorkerCtl>,
     pub stats: Vec<IoStats>,
+    /// Where the time goes: logged when the controller goes away.
+    pub counters: Counters,
     pub events: Mutex<VecDeque<Event>>,
     pub errors: Mutex<ErrorLog>,
     /// Function level resets: (requested, done).
@@ -293,6 +295,46 @@ pub(crate) struct Shared {
     /// PCI Command.Bus_Master: no DMA while clear.
     pub bus_master: AtomicBool,
     pub started: Instant,
+}
+
+/// Event counts of the command path, for the log line at exit.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    /// Doorbell writes that arrived as trapped register writes.
+    pub trapped_doorbells: AtomicU64,
+    /// I/O commands completed.
+    pub io_commands: AtomicU64,
+    /// Worker passes over the queues that found commands.
+    pub batches: AtomicU64,
+    /// Interrupts raised for I/O completion queues.
+    pub interrupts: AtomicU64,
+    /// Times an I/O worker went to sleep.
+    pub sleeps: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn summary(&self) -> String {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let cmds = get(&self.io_commands);
+        let per = |n: u64| {
+            if n == 0 {
+                "-".to_string()
+            } else {
+                format!("{:.1}", cmds as f64 / n as f64)
+            }
+        };
+        format!(
+            "{cmds} I/O commands in {} batches ({} per batch), {} interrupts ({} per interrupt), \
+             {} trapped doorbell writes ({} per write), {} worker sleeps",
+            get(&self.batches),
+            per(get(&self.batches)),
+            get(&self.interrupts),
+            per(get(&self.interrupts)),
+            get(&self.trapped_doorbells),
+            per(get(&self.trapped_doorbells)),
+            get(&self.sleeps),
+        )
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -689,7 +731,7 @@ impl IoWorker {
             let Some(Some(cq)) = self.cqs.get_mut(usize::from(sq.cqid)) else {
                 continue;
             };
-            let mut n = 0;
+            let mut n = 0usize;
             while sq.has_work() && n < BUDGET {
                 if cq.is_full() {
                     if let Some(h) = Self::cq_head_now(dbbuf, &sh, &mut g, cq.qid) {
@@ -729,9 +771,18 @@ impl IoWorker {
             }
             if n > 0 {
                 work = true;
+                sh.counters
+                    .io_commands
+                    .fetch_add(u64::try_from(n).unwrap_or(0), Ordering::Relaxed);
             }
         }
+        if work {
+            sh.counters.batches.fetch_add(1, Ordering::Relaxed);
+        }
         for cq in self.cqs.iter_mut().flatten() {
+            if cq.notify && cq.ien {
+                sh.counters.interrupts.fetch_add(1, Ordering::Relaxed);
+            }
             sh.signal_cq(cq);
         }
         g.release();
@@ -796,6 +847,7 @@ impl IoWorker {
             if self.ctl().is_some_and(|c| c.pending.load(Ordering::SeqCst)) {
                 continue;
             }
+            self.sh.counters.sleeps.fetch_add(1, Ordering::Relaxed);
             idle.sleep(None);
         }
     }
@@ -1306,6 +1358,7 @@ impl NvmeController {
             threads: (0..=workers).map(|_| OnceLock::new()).collect(),
             ctl: (0..workers).map(|_| WorkerCtl::default()).collect(),
             stats: (0..workers).map(|_| IoStats::default()).collect(),
+            counters: Counters::default(),
             events: Mutex::new(VecDeque::new()),
             errors: Mutex::new(ErrorLog::default()),
             flr: Mutex::new((0, 0)),
@@ -1485,6 +1538,9 @@ impl NvmeController {
             });
             return;
         }
+        sh.counters
+            .trapped_doorbells
+            .fetch_add(1, Ordering::Relaxed);
         sh.db.set(idx, v);
         sh.wake(owner);
         if !sq {
@@ -1498,6 +1554,12 @@ impl NvmeController {
     /// not consumed, and INTMS does not mask it.
     pub fn intx_pending(&self) -> bool {
         self.sh.intx_pending()
+    }
+
+    /// Event counts of the command path (logged when the controller goes).
+    #[cfg(test)]
+    pub(crate) fn counters(&self) -> &Counters {
+        &self.sh.counters
     }
 
     /// PCI Command.Bus_Master changed: the controller does no DMA while it
@@ -1545,6 +1607,7 @@ impl Drop for NvmeController {
         for h in self.threads.drain(..) {
             let _ = h.join();
         }
+        log::info!("nvme: {}", self.sh.counters.summary());
     }
 }
 

@@ -1603,3 +1603,34 @@ fn fuzz_entry_point_never_panics() {
     }
     assert!(successes > 50, "the biased inputs reach the data paths");
 }
+
+#[test]
+fn counters_account_for_commands_doorbells_and_interrupts() {
+    let mut h = Host::mem_disk(64);
+    h.enable();
+    h.io_pair(1, 16);
+    let c = h.ctrl.counters();
+    let doorbells = c.trapped_doorbells.load(Ordering::Relaxed);
+    assert!(
+        doorbells >= 2,
+        "enable and queue creation rang the admin SQ"
+    );
+    assert_eq!(c.io_commands.load(Ordering::Relaxed), 0);
+    for lba in 0..5 {
+        assert_eq!(
+            h.rw(1, io::READ, lba, 1, 0x100000, 0).status,
+            Status::SUCCESS
+        );
+    }
+    let c = h.ctrl.counters();
+    assert_eq!(c.io_commands.load(Ordering::Relaxed), 5);
+    let batches = c.batches.load(Ordering::Relaxed);
+    assert!((1..=5).contains(&batches), "{batches} batches");
+    assert!(c.interrupts.load(Ordering::Relaxed) >= 1);
+    assert!(c.trapped_doorbells.load(Ordering::Relaxed) >= doorbells + 5);
+    assert!(
+        c.summary().starts_with("5 I/O commands in "),
+        "{}",
+        c.summary()
+    );
+}
