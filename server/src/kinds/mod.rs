@@ -19,6 +19,7 @@ use crate::error::Error;
 use crate::listener::Listener;
 use crate::vhost_user::VhostUserServer;
 
+pub mod nvme;
 pub mod sample;
 pub mod virtio_blk;
 
@@ -112,6 +113,12 @@ Examples:
   vdevd sample --socket /run/vdevd/sample0.sock --msix-vectors 8 --buffer-size 1048576
   vdevd sample --fd 3        # a listening socket inherited from the parent";
 
+const NVME_EXAMPLES: &str = "\
+Examples:
+  vdevd nvme --socket /run/vdevd/nvme0.sock                  # 1 GiB in memory
+  vdevd nvme --socket /run/vdevd/nvme0.sock --image disk.raw --direct --queues 8
+  vdevd nvme --socket /run/vdevd/nvme0.sock --size 16G --doorbells mmap";
+
 /// The device subcommands.
 #[derive(Debug, clap::Subcommand)]
 pub enum DeviceCommand {
@@ -123,6 +130,10 @@ pub enum DeviceCommand {
     /// file, over vfio-user (virtio-pci) or vhost-user
     #[command(after_long_help = VIRTIO_BLK_EXAMPLES)]
     VirtioBlk(DeviceArgs<virtio_blk::VirtioBlkOptions>),
+    /// An NVMe controller with one namespace on a raw image or in memory
+    /// (class 010802; the guest's nvme driver binds to it)
+    #[command(after_long_help = NVME_EXAMPLES)]
+    Nvme(DeviceArgs<nvme::NvmeOptions>),
     #[cfg(test)]
     /// A device for the command line tests.
     Fake(DeviceArgs<tests::FakeOptions>),
@@ -151,6 +162,9 @@ impl DeviceCommand {
                     builder::<virtio_blk::VirtioBlk>(a.options),
                 )
             }
+            DeviceCommand::Nvme(a) => {
+                (nvme::Nvme::NAME, a.socket, builder::<nvme::Nvme>(a.options))
+            }
             #[cfg(test)]
             DeviceCommand::Fake(a) => (
                 tests::Fake::NAME,
@@ -166,6 +180,7 @@ pub fn names() -> Vec<&'static str> {
     vec![
         sample::Sample::NAME,
         virtio_blk::VirtioBlk::NAME,
+        nvme::Nvme::NAME,
         #[cfg(test)]
         tests::Fake::NAME,
     ]
@@ -186,6 +201,9 @@ pub fn from_table(kind: &str, table: toml::Table) -> Result<Builder, Error> {
     }
     if kind == virtio_blk::VirtioBlk::NAME {
         return parse::<virtio_blk::VirtioBlk>(table);
+    }
+    if kind == nvme::Nvme::NAME {
+        return parse::<nvme::Nvme>(table);
     }
     #[cfg(test)]
     if kind == tests::Fake::NAME {
