@@ -8,8 +8,8 @@
 //! [`FUZZ_USED`]. So the input chooses the descriptors (addresses, lengths,
 //! flags, `next`, indirect tables, loops), the available ring (index and
 //! heads) and every request header and payload the chains point to. The
-//! first byte also chooses which of EVENT_IDX and INDIRECT_DESC the driver
-//! negotiated and whether the disk is read-only.
+//! first byte also chooses which of EVENT_IDX (bit 0) and INDIRECT_DESC
+//! (bit 1) the driver negotiated.
 //!
 //! The contract under test: whatever the bytes, [`fuzz_queue`] returns,
 //! either with chains completed (each with a status) or with the device
