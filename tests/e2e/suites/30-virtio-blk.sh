@@ -1,14 +1,15 @@
 # shellcheck shell=bash
 # virtio-blk suites. One check list (guest/virtio-blk.sh), one vdevd device
 # model, two transports, and QEMU's own device as the reference:
-#   virtio-blk             both transports below, one after the other
-#   virtio-blk-vfio-user   `vdevd virtio-blk --socket S --image FILE`,
-#                          QEMU's vfio-user-pci (a virtio-pci function)
-#   virtio-blk-vhost-user  `vdevd virtio-blk --vhost-user S --image FILE`,
-#                          QEMU's vhost-user-blk-pci
-#   virtio-blk-qemu        QEMU's built-in virtio-blk-pci on the same kind of
-#                          backing file: proves the checks against a
-#                          known-good device
+#   virtio-blk       both transports, one after the other (or those named
+#                    in VDEVD_E2E_VBLK_TRANSPORTS):
+#                    vfio-user   `vdevd virtio-blk --socket S --image FILE`,
+#                                QEMU's vfio-user-pci (a virtio-pci function)
+#                    vhost-user  `vdevd virtio-blk --vhost-user S --image
+#                                FILE`, QEMU's vhost-user-blk-pci
+#   virtio-blk-qemu  QEMU's built-in virtio-blk-pci on the same kind of
+#                    backing file: proves the checks against a known-good
+#                    device
 # Each runs a 2-CPU guest with 2 request queues and, on one backing file:
 #   main     bind (virtio-pci + virtio_blk, size, VERSION_1), both queues in
 #            use and the write cache on (flush), first/last sector, a
@@ -26,19 +27,23 @@
 #   restart  (vhost-user only) QEMU with a reconnecting chardev; vdevd is
 #            killed (SIGKILL) during verified guest I/O and started again;
 #            QEMU reconnects and the I/O goes on, every block verified.
-E2E_SUITES+=(virtio-blk virtio-blk-vfio-user virtio-blk-vhost-user virtio-blk-qemu)
+E2E_SUITES+=(virtio-blk virtio-blk-qemu)
 
 : "${VDEVD_E2E_VBLK_MB:=64}"   # disk size
 : "${VDEVD_E2E_VBLK_ARGS:=}"   # more `vdevd virtio-blk` options, e.g. "--direct"
+: "${VDEVD_E2E_VBLK_TRANSPORTS:=vfio-user vhost-user}" # what `virtio-blk` runs
 E2E_VBLK_BDF=0000:00:04.0      # where the device sits in the guest
 E2E_VBLK_QUEUES=2              # request queues (and guest CPUs)
 
 suite_virtio_blk() {
-    vblk_suite vfio-user
-    vblk_suite vhost-user
+    local t
+    for t in $VDEVD_E2E_VBLK_TRANSPORTS; do
+        case "$t" in
+            vfio-user | vhost-user) vblk_suite "$t" ;;
+            *) e2e_fail "VDEVD_E2E_VBLK_TRANSPORTS: unknown transport '$t' (vfio-user, vhost-user)" ;;
+        esac
+    done
 }
-suite_virtio_blk_vfio_user() { vblk_suite vfio-user; }
-suite_virtio_blk_vhost_user() { vblk_suite vhost-user; }
 suite_virtio_blk_qemu() { vblk_suite qemu; }
 
 # vblk_device_args BACKEND IMAGE SOCKET [RECONNECT]: QEMU arguments for the
