@@ -436,6 +436,7 @@ pub struct DmaSpace {
     current: ArcSwap<Snapshot>,
     writer: Mutex<WriterState>,
     mirror: Mutex<Option<Arc<dyn DmaMirror>>>,
+    label: Mutex<String>,
     limits: Mutex<DmaLimits>,
     session_thread: Mutex<Option<std::thread::ThreadId>>,
 }
@@ -474,6 +475,7 @@ impl DmaSpace {
             current: ArcSwap::from_pointee(Snapshot::default()),
             writer: Mutex::new(WriterState::default()),
             mirror: Mutex::new(None),
+            label: Mutex::new(String::new()),
             limits: Mutex::new(limits),
             session_thread: Mutex::new(None),
         }
@@ -487,6 +489,17 @@ impl DmaSpace {
     /// The limits in force.
     pub fn limits(&self) -> DmaLimits {
         *lock(&self.limits)
+    }
+
+    /// Name the space (for logs, e.g. the address space name of the
+    /// configuration).
+    pub fn set_label(&self, label: &str) {
+        *lock(&self.label) = label.to_string();
+    }
+
+    /// The space's name, empty if it has none.
+    pub fn label(&self) -> String {
+        lock(&self.label).clone()
     }
 
     /// Attach `mirror`, which is first told about every file-backed range
