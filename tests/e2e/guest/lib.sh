@@ -1,0 +1,136 @@
+# shellcheck shell=sh
+# Guest-side helpers (busybox sh). Sourced by /init.
+#
+# Results go to the host as marker lines on the second serial port
+# (/dev/ttyS1, nothing else writes there) and are echoed on the console
+# (/dev/ttyS0) so that the console log reads as a story:
+#   E2E-BEGIN <suite> <phase> ...    the guest's init is running
+#   E2E-RUN <check>                  a check starts
+#   E2E-PASS <check>                 it passed
+#   E2E-FAIL <check> <reason>        it failed (its log follows on the console)
+#   E2E-INFO <key> <value...>        a measurement or a value for the host
+#   E2E-MARK <name>                  a point the host may wait for
+#   E2E-DONE pass=<n> fail=<n>       the phase ran to its end
+
+E2E_TTY=/dev/ttyS1
+E2E_STATE=/tmp/e2e-state
+mkdir -p "$E2E_STATE"
+
+# busybox-static's shell runs its own applets before anything in PATH, so a
+# real tool the image carries (util-linux's blkdiscard, e2fsprogs' mke2fs, ...)
+# is wrapped in a function of the same name, which the shell looks up first.
+_applets=" $(busybox --list | tr '\n' ' ') "
+for _f in /usr/sbin/* /usr/bin/*; do
+    if [ ! -f "$_f" ] || [ -L "$_f" ]; then continue; fi
+    _b=${_f##*/}
+    case "$_b" in *[!a-zA-Z0-9_]* | busybox) continue ;; esac
+    case "$_applets" in *" $_b "*) eval "$_b() { $_f \"\$@\"; }" ;; esac
+done
+unset _applets _f _b
+
+# Keep loops out of a check's trace.
+_trace_off() { case $- in *x*) set +x; _trace=1 ;; *) _trace=0 ;; esac; }
+_trace_on() { if [ "$_trace" = 1 ]; then set -x; fi; }
+
+e2e_emit() {
+    printf '%s\n' "$*" >"$E2E_TTY"
+    printf '%s\n' "$*"
+}
+pass() { e2e_emit "E2E-PASS $1"; echo "$1" >>"$E2E_STATE/pass"; }
+fail() {
+    _n=$1
+    shift
+    e2e_emit "E2E-FAIL $_n $*"
+    echo "$_n" >>"$E2E_STATE/fail"
+}
+info() { e2e_emit "E2E-INFO $*"; }
+mark() { e2e_emit "E2E-MARK $1"; }
+uptime_s() { cut -d' ' -f1 /proc/uptime; }
+count() { if [ -f "$E2E_STATE/$1" ]; then wc -l <"$E2E_STATE/$1"; else echo 0; fi; }
+
+# die REASON: end the current check with REASON (inside a check only).
+die() {
+    printf '%s\n' "$*" >"$E2E_STATE/reason"
+    echo "check failed: $*" >&2
+    exit 1
+}
+
+# check NAME FUNCTION [ARG...]: run FUNCTION in a subshell with `set -e` and
+# a trace, its output in /tmp/check-NAME.log. It passes if it returns 0; else
+# the reason given to die (or the failing command's status) is reported and
+# the log's tail is shown on the console. A check that runs longer than
+# E2E_CHECK_TIMEOUT seconds (default 300) is killed and fails as timed out,
+# with its log, so a hang names itself before the host's own timeout.
+check() {
+    _name=$1
+    shift
+    rm -f "$E2E_STATE/reason" "$E2E_STATE/timedout"
+    e2e_emit "E2E-RUN $_name"
+    _t0=$(uptime_s)
+    (
+        set -e
+        set -x
+        "$@"
+    ) >"/tmp/check-$_name.log" 2>&1 &
+    _cpid=$!
+    (
+        sleep "${E2E_CHECK_TIMEOUT:-300}"
+        echo "${E2E_CHECK_TIMEOUT:-300}" >"$E2E_STATE/timedout"
+        kill -KILL "$_cpid"
+    ) 2>/dev/null &
+    _wpid=$!
+    wait "$_cpid"
+    _rc=$?
+    kill "$_wpid" 2>/dev/null
+    if [ -e "$E2E_STATE/timedout" ]; then
+        echo "check $_name timed out after $(cat "$E2E_STATE/timedout") s" >"$E2E_STATE/reason"
+        _rc=124
+    fi
+    if [ "$_rc" = 0 ]; then
+        pass "$_name"
+        info "time $_name $_t0 $(uptime_s)"
+        return 0
+    fi
+    if [ -s "$E2E_STATE/reason" ]; then
+        fail "$_name" "$(cat "$E2E_STATE/reason")"
+    else
+        fail "$_name" "a command failed (exit status $_rc); see the log above"
+    fi
+    echo "---- last lines of /tmp/check-$_name.log"
+    tail -n 60 "/tmp/check-$_name.log" | sed "s/^/$_name| /"
+    echo "----"
+    return 1
+}
+
+# Block pattern shared with the host (lib/pattern.sh writes the same bytes):
+# block I of TAG is the text "vdevd-e2e TAG block I", space-padded to BS-1
+# bytes and ended by a newline.
+# pattern TAG FIRST COUNT BS: write COUNT blocks starting with block FIRST.
+pattern() {
+    _trace_off
+    _i=$2
+    _end=$(($2 + $3))
+    _w=$(($4 - 1))
+    while [ "$_i" -lt "$_end" ]; do
+        printf "%-${_w}s\n" "vdevd-e2e $1 block $_i"
+        _i=$((_i + 1))
+    done
+    _trace_on
+}
+
+# wait_for SECONDS CMD...: poll CMD every 0.1 s until it succeeds.
+wait_for() {
+    _trace_off
+    _n=$(($1 * 10))
+    shift
+    while [ "$_n" -gt 0 ]; do
+        if "$@"; then
+            _trace_on
+            return 0
+        fi
+        sleep 0.1
+        _n=$((_n - 1))
+    done
+    _trace_on
+    return 1
+}

@@ -1,0 +1,261 @@
+# shellcheck shell=sh
+# NVMe checks, run by the guest's own `nvme` driver against one controller
+# (E2E_NVME_BDF), whoever emulates it: vdevd over vfio-user or QEMU's
+# built-in nvme. Sourced by /init, which calls phase_<phase>.
+#
+# Config (from the host): E2E_NVME_BDF, E2E_EXPECT_BYTES, E2E_SEED.
+# Namespace layout (sizes in bytes, S = namespace size, S >= 16 MiB):
+#   [0, S-2MiB)        ext4
+#   [S-2MiB, S-1MiB)   scratch for discard and write-zeroes
+#   [S-1MiB, S)        a pattern the host regenerates and finds in the backing
+#                      file after the guest powers off (tag tail-<seed>)
+# The whole namespace is first covered by a verified pattern, first and last
+# LBA included.
+
+MiB=1048576
+FS_MNT=/mnt
+
+# nvme_locate: set CTRL, NS, DEV, LBS, BYTES for E2E_NVME_BDF (main shell).
+nvme_locate() {
+    CTRL=
+    NS=
+    for _c in /sys/bus/pci/devices/"$E2E_NVME_BDF"/nvme/nvme*; do
+        [ -d "$_c" ] || continue
+        CTRL=${_c##*/}
+        for _n in "$_c/$CTRL"n*; do
+            [ -e "/sys/block/${_n##*/}" ] && NS=${_n##*/} && break
+        done
+    done
+    [ -n "$CTRL" ] && [ -n "$NS" ] && [ -b "/dev/$NS" ] || return 1
+    [ "$(cat "/sys/class/nvme/$CTRL/state")" = live ] || return 1
+    DEV=/dev/$NS
+    LBS=$(cat "/sys/block/$NS/queue/logical_block_size")
+    BYTES=$(($(cat "/sys/block/$NS/size") * 512))
+    SCRATCH=$(((BYTES / MiB - 2) * MiB))
+    TAIL=$((BYTES - MiB))
+}
+
+drop_caches() { sync && echo 3 >/proc/sys/vm/drop_caches; }
+
+# read_range OFF LEN: the bytes at OFF (O_DIRECT, 4 KiB units) on stdout.
+read_range() { dd if="$DEV" bs=4096 skip=$(($1 / 4096)) count=$(($2 / 4096)) iflag=direct 2>/dev/null; }
+# write_file_at FILE OFF: write FILE at byte OFF (O_DIRECT, 4 KiB units).
+write_file_at() { dd if="$1" of="$DEV" bs=4096 seek=$(($2 / 4096)) oflag=direct conv=notrunc 2>/dev/null; }
+# expect_range OFF LEN FILE [FOFF]: the device's LEN bytes at OFF equal FILE's at FOFF.
+expect_range() { read_range "$1" "$2" | cmp -n "$2" - "$3" 0 "${4:-0}"; }
+is_zero() { # is_zero OFF LEN
+    [ "$(read_range "$1" "$2" | sha256sum | cut -d' ' -f1)" = "$(head -c "$2" /dev/zero | sha256sum | cut -d' ' -f1)" ]
+}
+
+check_bind() {
+    wait_for 60 nvme_locate ||
+        die "no live nvme controller with a namespace at $E2E_NVME_BDF after 60 s (driver: $(basename "$(readlink "/sys/bus/pci/devices/$E2E_NVME_BDF/driver" 2>/dev/null)" 2>/dev/null))"
+    drv=$(basename "$(readlink "/sys/bus/pci/devices/$E2E_NVME_BDF/driver")")
+    [ "$drv" = nvme ] || die "device bound to '$drv', not nvme"
+    [ "$BYTES" = "$E2E_EXPECT_BYTES" ] || die "namespace $NS is $BYTES bytes, expected $E2E_EXPECT_BYTES"
+    if [ $((BYTES % 4096)) != 0 ] || [ "$BYTES" -lt $((16 * MiB)) ]; then
+        die "namespace size $BYTES is not a multiple of 4 KiB of at least 16 MiB (the checks need that)"
+    fi
+    info "nvme ctrl=$CTRL ns=$NS lba_size=$LBS bytes=$BYTES model=$(sed 's/ *$//; s/ /_/g' "/sys/class/nvme/$CTRL/model")"
+}
+
+check_identify() {
+    nvme id-ctrl "/dev/$CTRL" >/tmp/id-ctrl.txt || die "Identify Controller through the admin queue failed"
+    nvme id-ns "$DEV" -o json >/tmp/id-ns.json || die "Identify Namespace through the admin queue failed"
+    cat /tmp/id-ns.json
+    nsze=$(sed -n 's/.*"nsze"[^0-9]*\([0-9]*\).*/\1/p' /tmp/id-ns.json | head -n 1)
+    [ -n "$nsze" ] || die "no nsze in Identify Namespace"
+    [ $((nsze * LBS)) = "$BYTES" ] || die "Identify Namespace nsze=$nsze x $LBS != $BYTES bytes seen by the block layer"
+}
+
+check_lba_edges() {
+    last=$((BYTES / LBS - 1))
+    pattern "edge-$E2E_SEED" 0 1 "$LBS" >/tmp/first.bin
+    pattern "edge-$E2E_SEED" "$last" 1 "$LBS" >/tmp/last.bin
+    dd if=/tmp/first.bin of="$DEV" bs="$LBS" seek=0 oflag=direct conv=notrunc
+    dd if=/tmp/last.bin of="$DEV" bs="$LBS" seek="$last" oflag=direct conv=notrunc
+    dd if="$DEV" bs="$LBS" skip=0 count=1 iflag=direct | cmp - /tmp/first.bin || die "LBA 0 does not read back what was written"
+    dd if="$DEV" bs="$LBS" skip="$last" count=1 iflag=direct | cmp - /tmp/last.bin || die "last LBA $last does not read back what was written"
+    # Nothing past the end: a read of the LBA after the last must fail.
+    if dd if="$DEV" bs="$LBS" skip=$((last + 1)) count=1 iflag=direct 2>/dev/null | grep -q .; then
+        die "a read past the last LBA returned data"
+    fi
+}
+
+check_pattern() {
+    # Every 4 KiB carries a header with its own offset and a checksum, so a
+    # misdirected, torn or dropped write is caught when fio reads it all back.
+    fio --name=pattern --filename="$DEV" --direct=1 --ioengine=libaio --iodepth=8 \
+        --rw=write --bs=128k --size="$BYTES" --randseed="$E2E_SEED" \
+        --verify=crc32c --verify_interval=4096 --do_verify=1 --verify_fatal=1 \
+        --output=/tmp/fio-pattern.txt || {
+        cat /tmp/fio-pattern.txt
+        die "fio pattern write/verify over the whole namespace failed"
+    }
+    grep -E 'WRITE:|READ:' /tmp/fio-pattern.txt
+}
+
+check_discard() {
+    q=/sys/block/$NS/queue
+    [ "$(cat "$q/discard_max_bytes")" -gt 0 ] || die "the namespace does not advertise discard (Dataset Management)"
+    pattern "scratch-$E2E_SEED" 0 256 4096 >/tmp/scratch.bin
+    write_file_at /tmp/scratch.bin "$SCRATCH"
+    blkdiscard -v -o "$SCRATCH" -l $((512 * 1024)) "$DEV" || die "blkdiscard of 512 KiB at $SCRATCH failed"
+    # The half that was not discarded is untouched.
+    expect_range $((SCRATCH + 512 * 1024)) $((512 * 1024)) /tmp/scratch.bin $((512 * 1024)) ||
+        die "discard changed data outside the discarded range"
+    # What a discarded range reads back is the device's choice, told in
+    # Identify Namespace DLFEAT bits 2:0 (1 = zeroes).
+    dlfeat=$(sed -n 's/.*"dlfeat"[^0-9]*\([0-9]*\).*/\1/p' /tmp/id-ns.json | head -n 1)
+    info "nvme dlfeat=${dlfeat:-unknown}"
+    if [ -n "$dlfeat" ] && [ $((dlfeat & 7)) = 1 ]; then
+        is_zero "$SCRATCH" $((512 * 1024)) || die "DLFEAT says deallocated blocks read as zeroes, but they do not"
+    fi
+}
+
+check_write_zeroes() {
+    pattern "scratch-$E2E_SEED" 0 256 4096 >/tmp/scratch.bin
+    write_file_at /tmp/scratch.bin "$SCRATCH"
+    blkdiscard -z -o $((SCRATCH + 256 * 1024)) -l $((256 * 1024)) "$DEV" || die "write-zeroes (blkdiscard -z) failed"
+    is_zero $((SCRATCH + 256 * 1024)) $((256 * 1024)) || die "a write-zeroes range does not read back as zeroes"
+    expect_range "$SCRATCH" $((256 * 1024)) /tmp/scratch.bin || die "write-zeroes changed data before its range"
+    expect_range $((SCRATCH + 512 * 1024)) $((512 * 1024)) /tmp/scratch.bin $((512 * 1024)) ||
+        die "write-zeroes changed data after its range"
+}
+
+# write_files DIR TAG: files of assorted sizes with random content, and their
+# checksums appended to DIR/MANIFEST.
+write_files() {
+    for kib in 4 12 64 1024 3072; do
+        f=$2-$kib.bin
+        dd if=/dev/urandom of="$1/$f" bs=1024 count="$kib" 2>/dev/null
+        (cd "$1" && sha256sum "$f") >>"$1/MANIFEST"
+    done
+}
+verify_files() { # verify_files DIR: every file in MANIFEST reads back intact
+    drop_caches
+    (cd "$1" && sha256sum -c MANIFEST) || die "file contents differ from MANIFEST in $1"
+}
+fsck_clean() {
+    e2fsck -f -n "$DEV" || die "e2fsck -f -n reports problems (exit status $?)"
+}
+
+check_ext4() {
+    blocks=$((SCRATCH / 4096))
+    mkfs.ext4 -q -F -b 4096 -L vdevd-e2e "$DEV" "$blocks" || die "mkfs.ext4 failed"
+    mkdir -p "$FS_MNT"
+    mount -t ext4 "$DEV" "$FS_MNT" || die "mount of the new ext4 failed"
+    write_files "$FS_MNT" a
+    sync
+    umount "$FS_MNT" || die "umount failed"
+    fsck_clean
+    mount -t ext4 "$DEV" "$FS_MNT" || die "remount failed"
+    verify_files "$FS_MNT"
+    fstrim -v "$FS_MNT" || die "fstrim on the mounted ext4 failed"
+    verify_files "$FS_MNT"
+    umount "$FS_MNT"
+}
+
+check_reset() {
+    mount -t ext4 "$DEV" "$FS_MNT" || die "mount failed"
+    # The write returns when the reset has run (nvme_reset_ctrl_sync).
+    echo 1 >"/sys/class/nvme/$CTRL/reset_controller" || die "writing reset_controller failed"
+    wait_for 60 nvme_locate || die "controller not live again within 60 s of a reset (state $(cat "/sys/class/nvme/$CTRL/state"))"
+    write_files "$FS_MNT" b
+    sync
+    verify_files "$FS_MNT"
+    umount "$FS_MNT"
+    fsck_clean
+}
+
+ns_gone() { [ ! -e "/sys/block/$NS" ]; }
+check_rebind() {
+    echo "$E2E_NVME_BDF" >/sys/bus/pci/drivers/nvme/unbind || die "unbind from nvme failed"
+    wait_for 30 ns_gone || die "namespace $NS still present 30 s after unbind"
+    echo "$E2E_NVME_BDF" >/sys/bus/pci/drivers/nvme/bind || die "bind to nvme failed"
+    wait_for 60 nvme_locate || die "no live controller and namespace within 60 s of bind"
+    mount -t ext4 "$DEV" "$FS_MNT" || die "mount after rebind failed"
+    verify_files "$FS_MNT"
+    write_files "$FS_MNT" c
+    sync
+    verify_files "$FS_MNT"
+    umount "$FS_MNT"
+    fsck_clean
+}
+
+# The state the host checks after power-off: the host-known tail pattern
+# and a hash of the whole namespace as the guest reads it (O_DIRECT).
+check_final_state() {
+    pattern "tail-$E2E_SEED" $((TAIL / 4096)) 256 4096 >/tmp/tail.bin
+    write_file_at /tmp/tail.bin "$TAIL"
+    sync
+    expect_range "$TAIL" "$MiB" /tmp/tail.bin || die "the tail pattern does not read back"
+    sum=$(dd if="$DEV" bs=1M iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)
+    info "device-sha256 $sum"
+}
+
+phase_main() {
+    check bind check_bind || return 0
+    nvme_locate || return 0
+    check identify check_identify
+    check lba-edges check_lba_edges
+    check pattern check_pattern
+    check discard check_discard
+    check write-zeroes check_write_zeroes
+    check ext4 check_ext4
+    check reset check_reset
+    nvme_locate || return 0
+    check rebind check_rebind
+    nvme_locate || return 0
+    check final-state check_final_state
+}
+
+# Only the checks named in E2E_NVME_CHECKS, in that order (the harness's
+# self-test, and a quick way to run a few checks while debugging).
+phase_checks() {
+    for c in $E2E_NVME_CHECKS; do
+        [ "$c" = bind ] || nvme_locate || return 0
+        check "$c" "check_$(echo "$c" | tr - _)" || [ "$c" != bind ] || return 0
+    done
+}
+
+# After a clean power-off and restart of the device: the files are there.
+check_persist() {
+    mount -t ext4 "$DEV" "$FS_MNT" || die "mount failed"
+    verify_files "$FS_MNT"
+}
+check_flush() {
+    dd if=/dev/urandom of="$FS_MNT/flushed.bin" bs=64k count=64 2>/dev/null
+    (cd "$FS_MNT" && sha256sum flushed.bin >flushed.sha256)
+    sync
+}
+phase_crash() {
+    check bind check_bind || return 0
+    nvme_locate || return 0
+    check persist check_persist || return 0
+    check flush check_flush || return 0
+    mark flushed
+    # Keep I/O in flight (file writes with fsync, direct reads) until the
+    # host kills QEMU.
+    (while :; do dd if=/dev/urandom of="$FS_MNT/churn.bin" bs=64k count=32 conv=fsync 2>/dev/null; done) &
+    (while :; do dd if="$DEV" of=/dev/null bs=64k count=256 iflag=direct 2>/dev/null; done) &
+    sleep 1
+    mark busy
+    sleep 3600
+}
+
+# A new VM after the kill: what was flushed before it is there, and the file
+# system is consistent once its journal is replayed.
+check_recover() {
+    mount -t ext4 "$DEV" "$FS_MNT" || die "mount after the kill failed"
+    (cd "$FS_MNT" && sha256sum -c flushed.sha256) || die "data flushed before the kill is not intact"
+    verify_files "$FS_MNT"
+    umount "$FS_MNT"
+    fsck_clean
+}
+phase_recover() {
+    check bind check_bind || return 0
+    nvme_locate || return 0
+    check recover check_recover
+    check final-state check_final_state
+}
