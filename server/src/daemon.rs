@@ -9,6 +9,8 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::cli::{Plan, SocketSpec};
+use crate::ctl::CtlServer;
+use crate::devset::DeviceSets;
 use crate::error::Error;
 use crate::listener::Listener;
 use crate::server::{DeviceServer, dma_space};
@@ -74,7 +76,8 @@ fn banner(kind: &str, socket: &SocketSpec) -> String {
 pub fn run(plan: Plan) -> Result<(), Error> {
     let signals = Signals::block()?;
     let exited = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| Error::io("eventfd", e))?);
-    let mut servers = Vec::new();
+    let mut servers: Vec<DeviceServer> = Vec::new();
+    let sets = DeviceSets::new();
     for d in plan.devices {
         let listener = match &d.socket {
             SocketSpec::Path(p) => Listener::bind(p)?,
@@ -82,13 +85,30 @@ pub fn run(plan: Plan) -> Result<(), Error> {
         };
         let dma = dma_space(&plan.options);
         let device = (d.build)(dma.clone())?;
-        let server = DeviceServer::start(
+        let mut name = d.name.clone().unwrap_or_else(|| device.name().to_string());
+        if d.name.is_none() {
+            let base = name.clone();
+            let mut i = 1;
+            while servers.iter().any(|s| s.name() == name) {
+                i += 1;
+                name = format!("{base}-{i}");
+            }
+        }
+        let set_name = d
+            .device_set
+            .clone()
+            .or_else(|| device.reset_domain())
+            .unwrap_or_else(|| format!("solo:{name}"));
+        let server = DeviceServer::start_in_set(
             listener,
             dma,
             device,
             plan.options.clone(),
             Some(exited.clone()),
+            sets.join(&set_name),
+            &name,
         )?;
+        log::info!("device {name}: device set {set_name}");
         let text = banner(d.kind, &d.socket);
         log::info!("{}", text.replace('\n', ";"));
         let mut out = io::stdout().lock();
@@ -97,6 +117,20 @@ pub fn run(plan: Plan) -> Result<(), Error> {
         servers.push(server);
     }
 
+    let ctl = match &plan.ctl_socket {
+        Some(path) => {
+            let handles = servers.iter().map(DeviceServer::handle).collect();
+            let c = CtlServer::start(Listener::bind(path)?, handles)?;
+            let names: Vec<&str> = servers.iter().map(DeviceServer::name).collect();
+            log::info!(
+                "control socket {} for devices {}",
+                path.display(),
+                names.join(", ")
+            );
+            Some(c)
+        }
+        None => None,
+    };
     let epoll = Epoll::new().map_err(|e| Error::io("epoll_create", e))?;
     for (fd, token) in [(signals.fd.as_raw_fd(), 1u64), (exited.as_raw_fd(), 2)] {
         epoll
@@ -143,6 +177,7 @@ pub fn run(plan: Plan) -> Result<(), Error> {
             }
         }
     }
+    drop(ctl);
     for s in servers {
         let name = s.name().to_string();
         if let Err(e) = s.stop() {
@@ -172,11 +207,14 @@ mod tests {
                 kind: "fake",
                 socket: SocketSpec::Path(p.clone()),
                 build: Box::new(|_| Ok(Box::new(FakeDevice::new(false).0))),
+                name: None,
+                device_set: None,
             })
             .collect();
         let plan = Plan {
             options: ServerOptions::default(),
             devices,
+            ctl_socket: None,
         };
         // SAFETY: pthread_self has no preconditions.
         let me = unsafe { libc::pthread_self() };
@@ -220,13 +258,18 @@ mod tests {
                     kind: "fake",
                     socket: SocketSpec::Path(good.clone()),
                     build: Box::new(|_| Ok(Box::new(FakeDevice::new(false).0))),
+                    name: None,
+                    device_set: None,
                 },
                 DevicePlan {
                     kind: "fake",
                     socket: SocketSpec::Path(dir.path().join("bad.sock")),
                     build: Box::new(|_| Err(Error::Config("no such backing file".into()))),
+                    name: None,
+                    device_set: None,
                 },
             ],
+            ctl_socket: None,
         };
         let e = run(plan).unwrap_err();
         assert!(e.to_string().contains("no such backing file"), "{e}");

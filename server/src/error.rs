@@ -151,6 +151,10 @@ pub enum Error {
         source: io::Error,
     },
 
+    /// No device of that name (control socket).
+    #[error("no device named {0:?}")]
+    NoSuchDevice(String),
+
     // --- starting a server ---------------------------------------------
     /// Another server is listening on the socket path.
     #[error("{0} is in use by a running server; stop it or choose another socket path")]
@@ -216,6 +220,7 @@ impl Error {
             Error::PathTooLong(_) => libc::ENAMETOOLONG,
             Error::BadListenFd { .. } => libc::ENOTSOCK,
             Error::Config(_) => libc::EINVAL,
+            Error::NoSuchDevice(_) => libc::ENOENT,
         }
     }
 }

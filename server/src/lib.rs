@@ -32,7 +32,9 @@
 //! [`daemon`] (the process and its signals).
 
 pub mod cli;
+pub mod ctl;
 pub mod daemon;
+pub mod devset;
 pub mod error;
 pub mod kinds;
 pub mod listener;

@@ -21,6 +21,7 @@ use vdevd_protocol as proto;
 use vdevd_protocol::vfio;
 use vdevd_protocol::{Command, Fit, HEADER_SIZE, Header, MessageKind, Request};
 
+use crate::devset::Users;
 use crate::error::Error;
 use crate::messenger::{DmaOp, DmaReply, DmaRequest, Messenger, ReplyMismatch};
 use crate::migration::Migration;
@@ -55,12 +56,40 @@ pub struct DeviceState {
     pub options: ServerOptions,
     /// Migration state.
     pub migration: Migration,
-    /// `Device::open` was called and `close` not yet.
-    pub opened: bool,
-    /// References held by users other than the client session (for the
-    /// external-reference mechanism). While non-zero, a client that leaves
+    /// The device's users (its client session, external references) and
+    /// its device set: the first user opens the device, the last closes
+    /// it, under the set lock (see [`crate::devset`]).
+    pub users: Users,
+    /// The client session is one of the users (it negotiated VERSION and
+    /// has not ended).
+    pub client_user: bool,
+    /// References held by users other than the client session (external
+    /// users, see [`crate::ctl`]). While non-zero, a client that leaves
     /// disconnects the device instead of closing it.
     pub external_refs: usize,
+}
+
+impl DeviceState {
+    /// A new user `who` of the device: the first one opens it.
+    pub fn add_user(&mut self, who: &str) -> Result<(), Error> {
+        let DeviceState { users, device, .. } = self;
+        users.get(who, || device.open().map_err(Error::from))
+    }
+
+    /// User `who` is gone: the last one closes the device (and migration
+    /// returns to RUNNING).
+    pub fn drop_user(&mut self, who: &str) {
+        let DeviceState {
+            users,
+            device,
+            migration,
+            ..
+        } = self;
+        users.put(who, || {
+            device.close();
+            migration.reset();
+        });
+    }
 }
 
 /// What the session negotiated with VERSION.
@@ -547,7 +576,8 @@ impl Session {
                 Ok(r)
             }
             Request::DeviceReset => {
-                dev.device.reset()?;
+                let DeviceState { users, device, .. } = &mut *dev;
+                users.set().locked(|| device.reset())?;
                 dev.migration.reset();
                 Ok(Reply::new())
             }
@@ -635,9 +665,9 @@ impl Session {
             page_size,
             ..DmaLimits::default()
         });
-        if !dev.opened {
-            dev.device.open()?;
-            dev.opened = true;
+        if !dev.client_user {
+            dev.add_user("client")?;
+            dev.client_user = true;
         }
         dev.messenger.connect(dma_chunk);
         self.negotiated = Some(negotiated);
@@ -1037,14 +1067,17 @@ impl Session {
         if dev.dma.dirty_logging() {
             let _ = dev.dma.stop_dirty_logging();
         }
-        if dev.opened {
-            if dev.external_refs > 0 {
+        if dev.client_user {
+            dev.client_user = false;
+            if dev.users.count() > 1 {
+                log::info!(
+                    "{}: client gone, device kept open for {} external reference(s)",
+                    dev.device.name(),
+                    dev.external_refs
+                );
                 dev.device.disconnect();
-            } else {
-                dev.device.close();
-                dev.opened = false;
-                dev.migration.reset();
             }
+            dev.drop_user("client");
         }
     }
 }

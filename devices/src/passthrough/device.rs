@@ -159,7 +159,7 @@ impl Passthrough {
     /// The reset domain the device shares with others, if any: devices
     /// behind one bridge share its secondary bus reset. `None` for a device
     /// on a root bus, which the kernel keeps in a set of its own.
-    pub fn reset_domain(&self) -> Option<String> {
+    pub fn bus_reset_domain(&self) -> Option<String> {
         let a = self.options.address;
         self.sysfs
             .upstream_bridge
@@ -395,6 +395,10 @@ impl Passthrough {
 impl Device for Passthrough {
     fn name(&self) -> &str {
         &self.name
+    }
+
+    fn reset_domain(&self) -> Option<String> {
+        self.bus_reset_domain()
     }
 
     fn info(&self) -> DeviceInfo {
