@@ -125,6 +125,8 @@ pub struct DevicePlan {
     /// The device set it joins (default: its reset domain, or a set of
     /// its own).
     pub device_set: Option<String>,
+    /// The shared DMA address space it joins (default: one of its own).
+    pub address_space: Option<String>,
 }
 
 impl std::fmt::Debug for DevicePlan {
@@ -134,6 +136,7 @@ impl std::fmt::Debug for DevicePlan {
             .field("socket", &self.socket)
             .field("name", &self.name)
             .field("device_set", &self.device_set)
+            .field("address_space", &self.address_space)
             .finish_non_exhaustive()
     }
 }
@@ -235,6 +238,7 @@ impl Plan {
                         build,
                         name: None,
                         device_set: None,
+                        address_space: None,
                     }],
                     ctl_socket: cli.ctl_socket,
                 })
@@ -308,6 +312,7 @@ impl Plan {
             };
             let name = text_key("name")?;
             let device_set = text_key("device_set")?;
+            let address_space = text_key("address_space")?;
             if let Some(nm) = &name {
                 if devices
                     .iter()
@@ -330,6 +335,7 @@ impl Plan {
                 build,
                 name,
                 device_set,
+                address_space,
             });
         }
         Ok(Plan {
@@ -502,6 +508,7 @@ mod tests {
             socket = "/tmp/a.sock"
             name = "a"
             device_set = "slot3"
+            address_space = "vm1"
             [[device]]
             type = "fake"
             socket = "/tmp/b.sock"
@@ -512,6 +519,8 @@ mod tests {
         assert_eq!(p.devices[0].device_set.as_deref(), Some("slot3"));
         assert_eq!(p.devices[1].name, None);
         assert_eq!(p.devices[1].device_set, None);
+        assert_eq!(p.devices[0].address_space.as_deref(), Some("vm1"));
+        assert_eq!(p.devices[1].address_space, None);
         let dup = "[[device]]\ntype = \"fake\"\nsocket = \"/a\"\nname = \"x\"\n\
                    [[device]]\ntype = \"fake\"\nsocket = \"/b\"\nname = \"x\"";
         let e = Plan::from_config(dup, &OptionOverrides::default())

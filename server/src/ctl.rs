@@ -486,8 +486,11 @@ mod tests {
             Box::new(device),
             options,
             None,
-            sets.join("set0"),
-            "fake",
+            crate::server::Placement {
+                set: sets.join("set0"),
+                name: "fake".into(),
+                shared: None,
+            },
         )
         .unwrap();
         let ctl =

@@ -8,12 +8,13 @@ use std::sync::Arc;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
+use crate::aspace::{SharedMember, SharedSpaces};
 use crate::cli::{Plan, SocketSpec};
 use crate::ctl::CtlServer;
 use crate::devset::DeviceSets;
 use crate::error::Error;
 use crate::listener::Listener;
-use crate::server::{DeviceServer, dma_space};
+use crate::server::{DeviceServer, Placement, dma_space};
 
 /// SIGTERM and SIGINT, blocked in every thread and read from a signalfd.
 struct Signals {
@@ -78,12 +79,23 @@ pub fn run(plan: Plan) -> Result<(), Error> {
     let exited = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| Error::io("eventfd", e))?);
     let mut servers: Vec<DeviceServer> = Vec::new();
     let sets = DeviceSets::new();
+    let spaces = SharedSpaces::default();
     for d in plan.devices {
         let listener = match &d.socket {
             SocketSpec::Path(p) => Listener::bind(p)?,
             SocketSpec::Fd(fd) => Listener::from_fd(*fd)?,
         };
-        let dma = dma_space(&plan.options);
+        let shared = d.address_space.as_deref().map(|a| {
+            let space = spaces.get(a, || dma_space(&plan.options));
+            SharedMember {
+                holder: space.holder(),
+                space,
+            }
+        });
+        let dma = match &shared {
+            Some(sh) => sh.space.dma().clone(),
+            None => dma_space(&plan.options),
+        };
         let device = (d.build)(dma.clone())?;
         let mut name = d.name.clone().unwrap_or_else(|| device.name().to_string());
         if d.name.is_none() {
@@ -105,10 +117,16 @@ pub fn run(plan: Plan) -> Result<(), Error> {
             device,
             plan.options.clone(),
             Some(exited.clone()),
-            sets.join(&set_name),
-            &name,
+            Placement {
+                set: sets.join(&set_name),
+                name: name.clone(),
+                shared,
+            },
         )?;
-        log::info!("device {name}: device set {set_name}");
+        log::info!(
+            "device {name}: device set {set_name}, address space {}",
+            d.address_space.as_deref().unwrap_or("(its own)")
+        );
         let text = banner(d.kind, &d.socket);
         log::info!("{}", text.replace('\n', ";"));
         let mut out = io::stdout().lock();
@@ -209,6 +227,7 @@ mod tests {
                 build: Box::new(|_| Ok(Box::new(FakeDevice::new(false).0))),
                 name: None,
                 device_set: None,
+                address_space: None,
             })
             .collect();
         let plan = Plan {
@@ -260,6 +279,7 @@ mod tests {
                     build: Box::new(|_| Ok(Box::new(FakeDevice::new(false).0))),
                     name: None,
                     device_set: None,
+                    address_space: None,
                 },
                 DevicePlan {
                     kind: "fake",
@@ -267,6 +287,7 @@ mod tests {
                     build: Box::new(|_| Err(Error::Config("no such backing file".into()))),
                     name: None,
                     device_set: None,
+                    address_space: None,
                 },
             ],
             ctl_socket: None,

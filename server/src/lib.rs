@@ -31,6 +31,7 @@
 //! every error reply), [`options`], [`cli`], [`kinds`] (device types),
 //! [`daemon`] (the process and its signals).
 
+pub mod aspace;
 pub mod cli;
 pub mod ctl;
 pub mod daemon;

@@ -30,6 +30,7 @@ use vdevd_devices::dma::{DmaLimits, DmaSpace};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
+use crate::aspace::SharedMember;
 use crate::devset::{DeviceSet, DeviceSets, Users};
 use crate::error::Error;
 use crate::listener::Listener;
@@ -56,6 +57,18 @@ pub fn dma_space(options: &ServerOptions) -> Arc<DmaSpace> {
         page_size: options.page_size(),
         ..DmaLimits::default()
     }))
+}
+
+/// Where a device sits among the others of the process.
+#[derive(Debug)]
+pub struct Placement {
+    /// Its device set.
+    pub set: Arc<DeviceSet>,
+    /// Its name (logs, control socket).
+    pub name: String,
+    /// The shared address space it uses, if any (its DMA space must be the
+    /// shared one).
+    pub shared: Option<SharedMember>,
 }
 
 /// What an external user (see [`crate::ctl`]) asks of a device.
@@ -164,23 +177,33 @@ impl DeviceServer {
         exited: Option<Arc<EventFd>>,
     ) -> Result<DeviceServer, Error> {
         let name = device.name().to_string();
-        let set = DeviceSets::new().join(&format!("solo:{name}"));
-        DeviceServer::start_in_set(listener, dma, device, options, exited, set, &name)
+        let placement = Placement {
+            set: DeviceSets::new().join(&format!("solo:{name}")),
+            name,
+            shared: None,
+        };
+        DeviceServer::start_in_set(listener, dma, device, options, exited, placement)
     }
 
-    /// [`DeviceServer::start`], the device being a member of `set` and
-    /// called `name` (in logs and on the control socket).
+    /// [`DeviceServer::start`], with the device's name, device set and
+    /// shared address space given by `placement`.
     pub fn start_in_set(
         listener: Listener,
         dma: Arc<DmaSpace>,
         device: Box<dyn Device>,
         options: ServerOptions,
         exited: Option<Arc<EventFd>>,
-        set: Arc<DeviceSet>,
-        name: &str,
+        placement: Placement,
     ) -> Result<DeviceServer, Error> {
         options.validate()?;
-        let name = name.to_string();
+        let Placement { set, name, shared } = placement;
+        if let Some(sh) = &shared {
+            if !Arc::ptr_eq(sh.space.dma(), &dma) {
+                return Err(Error::InvalidArgument(
+                    "the device was not built on its shared address space".into(),
+                ));
+            }
+        }
         let ctl_wake = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| Error::io("eventfd", e))?);
         let (ctl_tx, ctl_rx) = mpsc::channel();
         let path = listener.path().map(Path::to_path_buf);
@@ -204,6 +227,7 @@ impl DeviceServer {
                 users: Users::new(set, &name),
                 client_user: false,
                 external_refs: 0,
+                shared,
             },
             client: None,
             connections: 0,
@@ -364,17 +388,23 @@ impl DeviceThread {
     fn run(&mut self) -> Result<(), Error> {
         // Message-backed DMA from this thread would wait for a reply only
         // this thread can process: DmaSpace refuses it instead.
-        self.dev.dma.set_messenger(
-            Some(self.dev.messenger.clone()),
-            Some(std::thread::current().id()),
-        );
+        // A shared space takes only file-backed grants: no messenger (it
+        // would be the last device thread's).
+        if self.dev.shared.is_none() {
+            self.dev.dma.set_messenger(
+                Some(self.dev.messenger.clone()),
+                Some(std::thread::current().id()),
+            );
+        }
         let result = self.event_loop();
         self.end_client("the server is stopping");
         while self.dev.external_refs > 0 {
             self.dev.external_refs -= 1;
             self.dev.drop_user("external user (the server is stopping)");
         }
-        self.dev.dma.set_messenger(None, None);
+        if self.dev.shared.is_none() {
+            self.dev.dma.set_messenger(None, None);
+        }
         result
     }
 

@@ -21,6 +21,7 @@ use vdevd_protocol as proto;
 use vdevd_protocol::vfio;
 use vdevd_protocol::{Command, Fit, HEADER_SIZE, Header, MessageKind, Request};
 
+use crate::aspace::SharedMember;
 use crate::devset::Users;
 use crate::error::Error;
 use crate::messenger::{DmaOp, DmaReply, DmaRequest, Messenger, ReplyMismatch};
@@ -67,6 +68,9 @@ pub struct DeviceState {
     /// users, see [`crate::ctl`]). While non-zero, a client that leaves
     /// disconnects the device instead of closing it.
     pub external_refs: usize,
+    /// The address space is shared with other devices (see
+    /// [`crate::aspace`]): grants go through it, counted per device.
+    pub shared: Option<SharedMember>,
 }
 
 impl DeviceState {
@@ -699,7 +703,7 @@ impl Session {
             ));
         }
         let file = fds.pop().map(|fd| (File::from(fd), m.offset));
-        let range = dev.dma.map(MapRequest {
+        let req = MapRequest {
             iova: m.address,
             size: m.size,
             prot: Prot {
@@ -707,11 +711,34 @@ impl Session {
                 write: m.write,
             },
             file,
-        })?;
+        };
+        let range = match &dev.shared {
+            None => dev.dma.map(req)?,
+            Some(sh) => {
+                let id = match &req.file {
+                    Some((f, off)) => {
+                        use std::os::unix::fs::MetadataExt;
+                        let meta = f
+                            .metadata()
+                            .map_err(|e| Error::io("fstat of a DMA_MAP descriptor", e))?;
+                        Some((meta.dev(), meta.ino(), *off))
+                    }
+                    None => None,
+                };
+                sh.space.map(sh.holder, req, id)?
+            }
+        };
         if let Err(e) = dev.device.dma_map(&range) {
             // Undo: the device refused the range, so the client must not
             // believe it mapped.
-            let _ = dev.dma.unmap(range.iova, range.size);
+            match &dev.shared {
+                None => {
+                    let _ = dev.dma.unmap(range.iova, range.size);
+                }
+                Some(sh) => {
+                    let _ = sh.space.unmap(sh.holder, range.iova, range.size);
+                }
+            }
             return Err(e.into());
         }
         log::debug!(
@@ -746,8 +773,28 @@ impl Session {
                 )?;
                 let messenger = dev.messenger.clone();
                 let _fence = messenger.fence(range.iova, range.size);
-                dev.device.dma_unmap(&range);
-                dev.dma.unmap(range.iova, range.size)?;
+                match &dev.shared {
+                    None => {
+                        dev.device.dma_unmap(&range);
+                        dev.dma.unmap(range.iova, range.size)?;
+                    }
+                    Some(sh) => {
+                        if !sh.held_by_me(&range) {
+                            return Err(vdevd_devices::dma::DmaError::NotFound {
+                                iova: u.address,
+                                size: u.size,
+                            }
+                            .into());
+                        }
+                        dev.device.dma_unmap(&range);
+                        sh.space.unmap(sh.holder, range.iova, range.size)?;
+                    }
+                }
+            }
+            proto::UnmapKind::DirtyBitmap { .. } if dev.shared.is_some() => {
+                return Err(Error::NotSupported(
+                    "dirty page logging of a shared address space".into(),
+                ));
             }
             proto::UnmapKind::DirtyBitmap { pgsize, size } => {
                 if !dev.dma.dirty_logging() {
@@ -1023,6 +1070,11 @@ impl Session {
             F::DmaLoggingStart(start) => {
                 let ranges: Vec<(u64, u64)> =
                     start.ranges.iter().map(|r| (r.iova, r.length)).collect();
+                if dev.shared.is_some() {
+                    return Err(Error::NotSupported(
+                        "dirty page logging of a shared address space".into(),
+                    ));
+                }
                 dev.dma.start_dirty_logging(start.page_size, &ranges)?;
                 proto::FeatureReply::DmaLoggingStart(start.clone())
             }
@@ -1083,6 +1135,15 @@ impl Session {
 }
 
 fn unmap_all(dev: &mut DeviceState) {
+    if let Some(sh) = dev.shared.clone() {
+        for range in sh.space.held_by(sh.holder) {
+            dev.device.dma_unmap(&range);
+            if let Err(e) = sh.space.unmap(sh.holder, range.iova, range.size) {
+                log::warn!("address space {}: {e}", sh.space.name());
+            }
+        }
+        return;
+    }
     for range in dev.dma.ranges() {
         dev.device.dma_unmap(&range);
     }

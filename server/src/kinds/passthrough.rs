@@ -94,8 +94,14 @@ impl DeviceType for Passthrough {
     type Options = PassthroughArgs;
 
     fn build(options: PassthroughArgs, dma: Arc<DmaSpace>) -> Result<Box<dyn Device>, Error> {
-        let options = options.to_options()?;
-        dma.set_label(&options.address_space);
+        let mut options = options.to_options()?;
+        // A shared address space of the configuration names the space.
+        let label = dma.label();
+        if label.is_empty() {
+            dma.set_label(&options.address_space);
+        } else {
+            options.address_space = label;
+        }
         Ok(Box::new(Model::new(&Vfio::host(), &dma, options)?))
     }
 }
