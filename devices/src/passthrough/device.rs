@@ -287,17 +287,40 @@ impl Passthrough {
         }
         let mut regions = Vec::with_capacity(info.num_regions as usize);
         for i in 0..info.num_regions {
-            regions.push(self.sys().region_info(fd, i).map_err(|e| Error::Vfio {
-                what: format!("{a}: VFIO_DEVICE_GET_REGION_INFO({i})"),
-                source: e,
-            })?);
+            match self.sys().region_info(fd, i) {
+                Ok(r) => regions.push(r),
+                // vfio-pci answers EINVAL for a region the device does not
+                // have (the VGA region of a device that is not VGA): it is
+                // reported to the client as an empty region.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    log::debug!("{a}: region {i} absent ({e})");
+                    regions.push(RegionInfoRaw::default());
+                }
+                Err(e) => {
+                    return Err(Error::Vfio {
+                        what: format!("{a}: VFIO_DEVICE_GET_REGION_INFO({i})"),
+                        source: e,
+                    });
+                }
+            }
         }
         let mut irqs = Vec::with_capacity(info.num_irqs as usize);
         for i in 0..info.num_irqs {
-            irqs.push(self.sys().irq_info(fd, i).map_err(|e| Error::Vfio {
-                what: format!("{a}: VFIO_DEVICE_GET_IRQ_INFO({i})"),
-                source: e,
-            })?);
+            match self.sys().irq_info(fd, i) {
+                Ok(irq) => irqs.push(irq),
+                // EINVAL: an index the device does not have (the error
+                // interrupt of a device that is not PCI Express): no vectors.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    log::debug!("{a}: interrupt index {i} absent ({e})");
+                    irqs.push(IrqInfoRaw::default());
+                }
+                Err(e) => {
+                    return Err(Error::Vfio {
+                        what: format!("{a}: VFIO_DEVICE_GET_IRQ_INFO({i})"),
+                        source: e,
+                    });
+                }
+            }
         }
         let reset = if info.flags & VFIO_DEVICE_FLAGS_RESET != 0 {
             ResetKind::Function

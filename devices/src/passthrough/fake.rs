@@ -76,6 +76,11 @@ pub struct FakeDevice {
     pub config: Vec<u8>,
 }
 
+/// The VGA region's index (VFIO_PCI_VGA_REGION_INDEX).
+const VGA_REGION_INDEX: u32 = 8;
+/// The error interrupt's index (VFIO_PCI_ERR_IRQ_INDEX).
+const ERR_IRQ_INDEX: u32 = 3;
+
 impl FakeDevice {
     /// An `edu`-like device: BAR0 of 4 KiB (mmappable), 256 bytes of config
     /// space, INTx and one MSI vector, no MSI-X; no function reset.
@@ -1185,6 +1190,10 @@ impl VfioSys for FakeVfio {
             .get(index as usize)
             .cloned()
             .ok_or_else(|| err(libc::EINVAL))?;
+        // vfio-pci refuses the VGA region of a device that is not VGA.
+        if index == VGA_REGION_INDEX && r.flags == 0 && r.size == 0 {
+            return Err(err(libc::EINVAL));
+        }
         r.offset = region_offset(index);
         Ok(r)
     }
@@ -1193,11 +1202,18 @@ impl VfioSys for FakeVfio {
         let mut st = self.lock();
         st.call("irq_info", index.to_string())?;
         let a = st.device(device)?;
-        st.cfg(&a)?
+        let irq = st
+            .cfg(&a)?
             .irqs
             .get(index as usize)
             .copied()
-            .ok_or_else(|| err(libc::EINVAL))
+            .ok_or_else(|| err(libc::EINVAL))?;
+        // vfio-pci refuses the error interrupt of a device that is not
+        // PCI Express.
+        if index == ERR_IRQ_INDEX && irq.count == 0 {
+            return Err(err(libc::EINVAL));
+        }
+        Ok(irq)
     }
 
     fn set_irqs(

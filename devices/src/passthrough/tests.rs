@@ -95,6 +95,10 @@ fn group_path_open_probe_access_and_close() {
     dev.open().unwrap();
     let s = bed.fake.device_stats(A);
     assert_eq!((s.kernel_opens, s.open_fds), (1, 1));
+    // The kernel refuses the VGA region of a device that is not VGA: it is
+    // an empty region, not a failed open.
+    assert_eq!(dev.region_info(8).unwrap().size, 0);
+    assert_eq!(dev.irq_info(3).unwrap().count, 0);
     let calls = bed.fake.calls();
     let order: Vec<&str> = calls
         .iter()
