@@ -220,7 +220,7 @@ impl CtlThread {
             Some(pid) => format!("ctl#{} (pid {pid})", token - 1),
             None => format!("ctl#{}", token - 1),
         };
-        log::info!("control socket: {holder} connected");
+        log::debug!("control socket: {holder} connected");
         self.conns.insert(
             token,
             Conn {
@@ -397,7 +397,7 @@ impl CtlThread {
                 c.holder
             );
         } else {
-            log::info!("control socket: {} gone ({why})", c.holder);
+            log::debug!("control socket: {} gone ({why})", c.holder);
         }
         for (dev, n) in c.held {
             let Some(h) = self.devices.get(&dev) else {

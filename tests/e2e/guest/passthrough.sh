@@ -128,6 +128,18 @@ check_shared_space() {
     grep -q "^PASS shared-address-space" /tmp/shared.out
 }
 
+# vdevd used the kernel interface asked for, and only that one.
+check_kernel_path() {
+    grep "address space vm1" /tmp/vdevd.log
+    if [ "$PT_IOMMU" = iommufd ]; then
+        grep -q "address space vm1: new iommufd IOAS" /tmp/vdevd.log || die "no iommufd IOAS in the log"
+        if grep -q "new VFIO container" /tmp/vdevd.log; then die "a VFIO container was opened"; fi
+    else
+        grep -q "address space vm1: new VFIO container" /tmp/vdevd.log || die "no VFIO container in the log"
+        if grep -q "new iommufd IOAS" /tmp/vdevd.log; then die "an iommufd IOAS was opened"; fi
+    fi
+}
+
 check_stop() {
     kill -TERM "$(cat /tmp/vdevd.pid)"
     wait_for 15 vdevd_gone || die "vdevd did not exit on SIGTERM"
@@ -142,6 +154,7 @@ phase_passthrough() {
     check device-set check_device_set
     check external-ref check_external_ref
     check shared-space check_shared_space
+    check kernel-path check_kernel_path
     check stop check_stop
     echo "---- vdevd log"
     cat /tmp/vdevd.log

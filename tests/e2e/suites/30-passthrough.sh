@@ -6,6 +6,9 @@
 # (`vdevd --config` with three passthrough devices in one address space and a
 # control socket), and ptcheck (tests/src/bin/ptcheck.rs) is the VMM:
 #   passthrough          group/container path (Debian's 6.12 guest kernel)
+#   passthrough-iommufd  cdev/iommufd path (/dev/vfio/devices, /dev/iommu) on
+#                        the kernel tests/e2e/kernel/build.sh builds (Debian's
+#                        kernels have neither IOMMUFD nor VFIO_DEVICE_CDEV)
 # Checks (guest/passthrough.sh): the edu ID and liveness registers, the
 # factorial, DMA both ways between client memory and the device through the
 # real IOMMU, the MSI delivered to the client's eventfd; the device set of
@@ -14,9 +17,9 @@
 # a client reconnect, and dropped when its holder dies; a second device
 # attached to the same address space using a mapping made through the
 # first; vdevd exiting on SIGTERM.
-E2E_SUITES+=(passthrough)
+E2E_SUITES+=(passthrough passthrough-iommufd)
 
-E2E_PT_CHECKS="bind start basic id-register liveness factorial dma msi device-set external-ref shared-space stop"
+E2E_PT_CHECKS="bind start basic id-register liveness factorial dma msi device-set external-ref shared-space kernel-path stop"
 
 # e2e_pt_binaries: build vdevd and ptcheck; print their paths.
 e2e_pt_binaries() {
@@ -32,15 +35,15 @@ e2e_pt_binaries() {
     printf '%s %s\n' "$vdevd" "$target/debug/ptcheck"
 }
 
-# e2e_pt_run NAME IOMMU: one guest running every passthrough check.
+# e2e_pt_run NAME IOMMU MODULES: one guest running every passthrough check.
 e2e_pt_run() {
-    local name=$1 iommu=$2 bins
+    local name=$1 iommu=$2 modules=$3 bins
     bins=$(e2e_pt_binaries) || return
     read -r -a bins <<<"$bins"
     # shellcheck disable=SC2054 # commas belong to QEMU's option syntax
     E2E_VM_FILES="${bins[0]}:/e2e/bin/vdevd ${bins[1]}:/e2e/bin/ptcheck" \
         E2E_VM_APPEND="intel_iommu=on" \
-        e2e_vm_start "$name" passthrough.sh passthrough "vfio-pci vfio_iommu_type1" vfio 512 PT_IOMMU="$iommu" \
+        e2e_vm_start "$name" passthrough.sh passthrough "$modules" vfio 512 PT_IOMMU="$iommu" \
         EDU0=0000:01:01.0 EDU1=0000:01:02.0 EDU2=0000:00:04.0 -- \
         -device '{"driver":"intel-iommu","caching-mode":true}' \
         -device '{"driver":"edu","bus":"pcie.0","addr":"0x4"}' \
@@ -53,5 +56,14 @@ e2e_pt_run() {
 }
 
 suite_passthrough() {
-    e2e_pt_run pt group
+    e2e_pt_run pt group "vfio-pci vfio_iommu_type1"
+}
+
+suite_passthrough_iommufd() {
+    local kernel
+    kernel=$("$E2E_DIR/kernel/build.sh") || { e2e_fail "tests/e2e/kernel/build.sh failed"; return; }
+    # QEMU runs in the trixie root, which sees the run directory.
+    cp "$kernel" "$E2E_RUN_DIR/bzImage-iommufd" || { e2e_fail "cannot copy $kernel"; return; }
+    # Everything is built into that kernel: no modules to load.
+    E2E_VM_KERNEL=$E2E_RUN_DIR/bzImage-iommufd e2e_pt_run pt-iommufd iommufd ""
 }
