@@ -15,6 +15,7 @@ use vdevd_devices::dma::DmaSpace;
 use crate::cli::SocketArgs;
 use crate::error::Error;
 
+pub mod nvme;
 pub mod passthrough;
 pub mod sample;
 
@@ -67,6 +68,12 @@ Examples:
 vdevd pins the client's memory for the IOMMU: give it RLIMIT_MEMLOCK of at
 least the guest's RAM (or CAP_IPC_LOCK).";
 
+const NVME_EXAMPLES: &str = "\
+Examples:
+  vdevd nvme --socket /run/vdevd/nvme0.sock                  # 1 GiB in memory
+  vdevd nvme --socket /run/vdevd/nvme0.sock --image disk.raw --direct --queues 8
+  vdevd nvme --socket /run/vdevd/nvme0.sock --size 16G --doorbells mmap";
+
 /// The device subcommands.
 #[derive(Debug, clap::Subcommand)]
 pub enum DeviceCommand {
@@ -78,6 +85,10 @@ pub enum DeviceCommand {
     /// VMM needs no access to /dev/vfio)
     #[command(after_long_help = PASSTHROUGH_EXAMPLES)]
     Passthrough(DeviceArgs<passthrough::PassthroughArgs>),
+    /// An NVMe controller with one namespace on a raw image or in memory
+    /// (class 010802; the guest's nvme driver binds to it)
+    #[command(after_long_help = NVME_EXAMPLES)]
+    Nvme(DeviceArgs<nvme::NvmeOptions>),
     #[cfg(test)]
     /// A device for the command line tests.
     Fake(DeviceArgs<tests::FakeOptions>),
@@ -97,6 +108,9 @@ impl DeviceCommand {
                 a.socket,
                 builder::<passthrough::Passthrough>(a.options),
             ),
+            DeviceCommand::Nvme(a) => {
+                (nvme::Nvme::NAME, a.socket, builder::<nvme::Nvme>(a.options))
+            }
             #[cfg(test)]
             DeviceCommand::Fake(a) => (
                 tests::Fake::NAME,
@@ -112,6 +126,7 @@ pub fn names() -> Vec<&'static str> {
     vec![
         sample::Sample::NAME,
         passthrough::Passthrough::NAME,
+        nvme::Nvme::NAME,
         #[cfg(test)]
         tests::Fake::NAME,
     ]
@@ -132,6 +147,9 @@ pub fn from_table(kind: &str, table: toml::Table) -> Result<Builder, Error> {
     }
     if kind == passthrough::Passthrough::NAME {
         return parse::<passthrough::Passthrough>(table);
+    }
+    if kind == nvme::Nvme::NAME {
+        return parse::<nvme::Nvme>(table);
     }
     #[cfg(test)]
     if kind == tests::Fake::NAME {
