@@ -67,7 +67,7 @@ check_basic() {
     "$PT_BIN/ptcheck" basic /tmp/edu0.sock | tee /tmp/basic.out
 }
 basic_results() {
-    for c in id-register liveness factorial dma msi; do
+    for c in id-register liveness factorial dma msi reset; do
         if grep -q "^PASS $c\$" /tmp/basic.out 2>/dev/null; then
             pass "$c"
         else
@@ -128,9 +128,12 @@ check_shared_space() {
     grep -q "^PASS shared-address-space" /tmp/shared.out
 }
 
-# vdevd used the kernel interface asked for, and only that one.
+# vdevd used the kernel interface asked for, and only that one; the reset
+# of EDU0 (no function reset) was a hot reset of its bus, EDU1 included.
 check_kernel_path() {
     grep "address space vm1" /tmp/vdevd.log
+    grep -q "vfio-$EDU0: hot reset of its reset domain (also reset: $EDU1)" /tmp/vdevd.log ||
+        die "no hot reset of $EDU0 with $EDU1 in the log"
     if [ "$PT_IOMMU" = iommufd ]; then
         grep -q "address space vm1: new iommufd IOAS" /tmp/vdevd.log || die "no iommufd IOAS in the log"
         if grep -q "new VFIO container" /tmp/vdevd.log; then die "a VFIO container was opened"; fi

@@ -11,7 +11,8 @@
 #                        kernels have neither IOMMUFD nor VFIO_DEVICE_CDEV)
 # Checks (guest/passthrough.sh): the edu ID and liveness registers, the
 # factorial, DMA both ways between client memory and the device through the
-# real IOMMU, the MSI delivered to the client's eventfd; the device set of
+# real IOMMU, the MSI delivered to the client's eventfd, DEVICE_RESET (a hot
+# reset of the bridged pair's bus); the device set of
 # the two bridged devices and exact open/close counts; an external
 # reference (vdevd ctl hold) keeping a device open, with its state, across
 # a client reconnect, and dropped when its holder dies; a second device
@@ -19,7 +20,7 @@
 # first; vdevd exiting on SIGTERM.
 E2E_SUITES+=(passthrough passthrough-iommufd)
 
-E2E_PT_CHECKS="bind start basic id-register liveness factorial dma msi device-set external-ref shared-space kernel-path stop"
+E2E_PT_CHECKS="bind start basic id-register liveness factorial dma msi reset device-set external-ref shared-space kernel-path stop"
 
 # e2e_pt_binaries: build vdevd and ptcheck; print their paths.
 e2e_pt_binaries() {

@@ -8,7 +8,8 @@
 //!
 //! ```text
 //! ptcheck basic SOCKET            ID, liveness, factorial, DMA both ways
-//!                                 through the real IOMMU, MSI to an eventfd
+//!                                 through the real IOMMU, MSI to an eventfd,
+//!                                 DEVICE_RESET
 //! ptcheck set-fact SOCKET N       start factorial(N) and leave it there
 //! ptcheck get-fact SOCKET VALUE   the factorial register holds VALUE
 //! ptcheck shared SOCKET_A SOCKET_B
@@ -159,6 +160,16 @@ fn basic(sock: &str) -> Res<bool> {
         (n >= 1 && status & 0x100 != 0)
             .then_some(())
             .ok_or(format!("eventfd count {n}, irq status {status:#x}"))
+    });
+    checks.run("reset", || {
+        // DEVICE_RESET: edu has no function reset, so vdevd resets its
+        // reset domain (a hot reset of the bus behind the bridge, or of the
+        // device alone); the device answers again afterwards.
+        c.reset().map_err(err("DEVICE_RESET"))?;
+        let id = c.read32(BAR0, 0).map_err(err("read after reset"))?;
+        (id == EDU_ID)
+            .then_some(())
+            .ok_or(format!("ID {id:#010x} after reset"))
     });
     Ok(!checks.failed)
 }
