@@ -47,6 +47,9 @@ pub const MAX_CONNECTIONS: usize = 64;
 /// References one connection may hold.
 pub const MAX_REFS_PER_CONNECTION: usize = 1024;
 
+/// How long a reply may wait for the holder to read.
+const REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 const TOKEN_LISTENER: u64 = 0;
 const TOKEN_STOP: u64 = 1;
 const TOKEN_FIRST_CONN: u64 = 2;
@@ -206,6 +209,12 @@ impl CtlThread {
             log::warn!("control socket: refused a connection ({MAX_CONNECTIONS} open)");
             return;
         }
+        // A holder that stops reading its replies cannot stall the control
+        // thread: a reply that cannot be sent in time ends its connection.
+        if let Err(e) = sock.set_write_timeout(Some(REPLY_TIMEOUT)) {
+            log::warn!("control socket: SO_SNDTIMEO: {e}");
+            return;
+        }
         let token = self.next;
         self.next = self.next.wrapping_add(1).max(TOKEN_FIRST_CONN);
         if let Err(e) = self.epoll.ctl(
@@ -270,7 +279,8 @@ impl CtlThread {
             let Some(c) = self.conns.get_mut(&token) else {
                 return;
             };
-            // Control replies are short; the socket is blocking for them.
+            // Control replies are short; the socket blocks for them, up to
+            // REPLY_TIMEOUT.
             let _ = c.sock.set_nonblocking(false);
             let r = c.sock.write_all(reply.as_bytes());
             let _ = c.sock.set_nonblocking(true);
