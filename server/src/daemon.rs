@@ -266,6 +266,109 @@ mod tests {
         }
     }
 
+    /// Three emulated devices from a plan: two declared in one device set
+    /// and one address space, one unnamed (named after the model, made
+    /// unique); the control socket sees them all, and a client's DMA_MAP
+    /// on one device of the shared space is visible to the other's.
+    #[test]
+    fn config_sets_names_and_shared_spaces_reach_the_servers() {
+        use crate::ctl::CtlClient;
+        let dir = TempDir::new("daemon-sets");
+        let ctl = dir.path().join("ctl.sock");
+        let mk =
+            |i: usize, name: Option<&str>, set: Option<&str>, space: Option<&str>| DevicePlan {
+                kind: "fake",
+                socket: SocketSpec::Path(dir.path().join(format!("d{i}.sock"))),
+                build: Box::new(|_| Ok(Box::new(FakeDevice::new(false).0))),
+                name: name.map(str::to_string),
+                device_set: set.map(str::to_string),
+                address_space: space.map(str::to_string),
+            };
+        let plan = Plan {
+            options: ServerOptions::default(),
+            devices: vec![
+                mk(0, Some("a"), Some("slot3"), Some("vm1")),
+                mk(1, Some("b"), Some("slot3"), Some("vm1")),
+                mk(2, None, None, None),
+                mk(3, None, None, None),
+            ],
+            ctl_socket: Some(ctl.clone()),
+        };
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        let helper = {
+            let ctl = ctl.clone();
+            let sock = |i: usize| dir.path().join(format!("d{i}.sock"));
+            let (s0, s1) = (sock(0), sock(1));
+            std::thread::spawn(move || {
+                let t0 = Instant::now();
+                while !ctl.exists() {
+                    assert!(t0.elapsed() < Duration::from_secs(10));
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                let mut c = CtlClient::connect(&ctl).unwrap();
+                let all: serde_json::Value =
+                    serde_json::from_str(&c.request("status").unwrap()).unwrap();
+                let sets: Vec<(String, String)> = all
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|d| {
+                        (
+                            d["name"].as_str().unwrap().to_string(),
+                            d["device_set"].as_str().unwrap().to_string(),
+                        )
+                    })
+                    .collect();
+                // The shared space: a grant through a is seen through b.
+                let mem = crate::testutil::memfd("shared").0;
+                std::fs::File::from(mem.try_clone().unwrap())
+                    .set_len(0x4000)
+                    .unwrap();
+                let mut ca = Client::connect(&s0);
+                ca.version();
+                let mut cb = Client::connect(&s1);
+                cb.version();
+                let map = |c: &mut Client, address: u64| {
+                    c.call_with(
+                        &vdevd_protocol::Request::DmaMap(vdevd_protocol::DmaMap {
+                            argsz: 32,
+                            read: true,
+                            write: true,
+                            offset: 0,
+                            address,
+                            size: 0x4000,
+                        }),
+                        &[std::os::fd::AsRawFd::as_raw_fd(&mem)],
+                    )
+                };
+                let first = map(&mut ca, 0x10000).is_ok();
+                // b's own space would take this; the shared one holds a's
+                // grant there.
+                let conflict = map(&mut cb, 0x12000);
+                let second = map(&mut cb, 0x10000).is_ok();
+                // SAFETY: `me` is blocked in run() until this signal arrives.
+                let rc = unsafe { libc::pthread_kill(me, libc::SIGTERM) };
+                assert_eq!(rc, 0);
+                (sets, first, conflict, second)
+            })
+        };
+        run(plan).unwrap();
+        let (sets, first, conflict, second) = helper.join().unwrap();
+        let set_of = |n: &str| {
+            sets.iter()
+                .find(|(name, _)| name == n)
+                .map(|(_, s)| s.clone())
+                .unwrap_or_else(|| panic!("no device {n} in {sets:?}"))
+        };
+        assert_eq!(set_of("a"), "slot3");
+        assert_eq!(set_of("b"), "slot3");
+        assert_eq!(set_of("fake"), "solo:fake");
+        assert_eq!(set_of("fake-2"), "solo:fake-2");
+        assert!(first && second, "identical grants on one shared space");
+        assert_eq!(conflict.unwrap_err(), libc::EEXIST as u32);
+    }
+
     #[test]
     fn a_device_that_cannot_start_stops_the_others() {
         let dir = TempDir::new("daemon-fail");
