@@ -181,11 +181,6 @@ impl Messenger {
         s.max_chunk = max_chunk.max(1);
     }
 
-    /// Whether a client is connected (requests are accepted).
-    pub fn is_connected(&self) -> bool {
-        self.lock().connected
-    }
-
     /// The client is gone: every waiter fails now, new requests fail at
     /// once until the next [`Messenger::connect`].
     pub fn disconnect(&self) {
