@@ -1634,3 +1634,51 @@ fn counters_account_for_commands_doorbells_and_interrupts() {
         c.summary()
     );
 }
+
+/// The device side alone, without a guest: 4 KiB random reads from an
+/// in-memory disk at queue depth 32, the fake host ringing a trapped
+/// doorbell per command and polling the CQ (sleeping 50 us between looks),
+/// so a lower bound on the ceiling vdevd's own work
+/// sets: `cargo test -p vdevd-devices nvme::tests::device_side -- --ignored --nocapture`
+#[test]
+#[ignore = "a measurement; run on demand"]
+fn device_side_4k_randread_qd32() {
+    let blocks = 1u64 << 18; // 128 MiB
+    let mut h = Host::mem_disk(blocks);
+    h.enable();
+    h.io_pair(1, 64);
+    let buf = 0x0100_0000u64;
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let t0 = Instant::now();
+    let mut done = 0u64;
+    while t0.elapsed() < Duration::from_secs(2) {
+        for i in 0..32u64 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let lba = (x % (blocks / 8)) * 8;
+            let cmd = Command {
+                opcode: io::READ,
+                nsid: 1,
+                dptr1: buf + i * PAGE,
+                cdw10: lba as u32,
+                cdw11: (lba >> 32) as u32,
+                cdw12: 7,
+                ..Command::default()
+            };
+            h.submit(1, cmd);
+        }
+        for _ in 0..32 {
+            assert_eq!(h.wait(1).status, Status::SUCCESS);
+        }
+        done += 32;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let c = h.ctrl.counters();
+    assert_eq!(c.io_commands.load(Ordering::Relaxed), done);
+    println!(
+        "device side: {done} reads in {secs:.2} s = {:.0} IOPS; {}",
+        done as f64 / secs,
+        c.summary()
+    );
+}
