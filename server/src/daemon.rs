@@ -8,41 +8,15 @@ use std::sync::Arc;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
+use crate::aspace::{SharedMember, SharedSpaces};
 use crate::cli::{Plan, SocketSpec};
+use crate::ctl::CtlServer;
+use crate::devset::DeviceSets;
 use crate::error::Error;
 use crate::kinds::Builder;
 use crate::listener::Listener;
-use crate::server::{DeviceServer, dma_space};
+use crate::server::{DeviceServer, Placement, dma_space};
 use crate::vhost_user::VhostUserServer;
-
-/// A device being served, over either protocol.
-enum Running {
-    VfioUser(DeviceServer),
-    VhostUser(VhostUserServer),
-}
-
-impl Running {
-    fn name(&self) -> &str {
-        match self {
-            Running::VfioUser(s) => s.name(),
-            Running::VhostUser(s) => s.name(),
-        }
-    }
-
-    fn is_finished(&self) -> bool {
-        match self {
-            Running::VfioUser(s) => s.is_finished(),
-            Running::VhostUser(s) => s.is_finished(),
-        }
-    }
-
-    fn stop(self) -> Result<(), Error> {
-        match self {
-            Running::VfioUser(s) => s.stop(),
-            Running::VhostUser(s) => s.stop(),
-        }
-    }
-}
 
 /// SIGTERM and SIGINT, blocked in every thread and read from a signalfd.
 struct Signals {
@@ -103,6 +77,13 @@ fn vhost_user_banner(kind: &str, socket: &SocketSpec, qemu_device: &str, queues:
     }
 }
 
+fn print_banner(text: &str) {
+    log::info!("{}", text.replace('\n', ";"));
+    let mut out = io::stdout().lock();
+    let _ = writeln!(out, "{text}");
+    let _ = out.flush();
+}
+
 fn banner(kind: &str, socket: &SocketSpec) -> String {
     match socket {
         SocketSpec::Path(p) => {
@@ -121,38 +102,97 @@ fn banner(kind: &str, socket: &SocketSpec) -> String {
 pub fn run(plan: Plan) -> Result<(), Error> {
     let signals = Signals::block()?;
     let exited = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| Error::io("eventfd", e))?);
-    let mut servers = Vec::new();
+    let mut servers: Vec<DeviceServer> = Vec::new();
+    // Virtio devices over vhost-user: outside device sets, address spaces
+    // and the control socket, which are vfio-user notions.
+    let mut vhost: Vec<VhostUserServer> = Vec::new();
+    let sets = DeviceSets::new();
+    let spaces = SharedSpaces::default();
     for d in plan.devices {
         let listener = match &d.socket {
             SocketSpec::Path(p) => Listener::bind(p)?,
             SocketSpec::Fd(fd) => Listener::from_fd(*fd)?,
         };
-        let (server, text) = match d.build {
-            Builder::VfioUser(build) => {
-                let dma = dma_space(&plan.options);
-                let device = build(dma.clone())?;
-                let server = DeviceServer::start(
-                    listener,
-                    dma,
-                    device,
-                    plan.options.clone(),
-                    Some(exited.clone()),
-                )?;
-                (Running::VfioUser(server), banner(d.kind, &d.socket))
-            }
+        let build = match d.build {
+            Builder::VfioUser(build) => build,
             Builder::VhostUser(b) => {
+                if d.device_set.is_some() || d.address_space.is_some() {
+                    return Err(Error::Config(format!(
+                        "{}: device_set and address_space apply to vfio-user devices only",
+                        d.kind
+                    )));
+                }
                 let server = (b.start)(listener, Some(exited.clone()))?;
-                let text = vhost_user_banner(d.kind, &d.socket, b.qemu_device, b.queues);
-                (Running::VhostUser(server), text)
+                print_banner(&vhost_user_banner(
+                    d.kind,
+                    &d.socket,
+                    b.qemu_device,
+                    b.queues,
+                ));
+                vhost.push(server);
+                continue;
             }
         };
-        log::info!("{}", text.replace('\n', ";"));
-        let mut out = io::stdout().lock();
-        let _ = writeln!(out, "{text}");
-        let _ = out.flush();
+        let shared = d.address_space.as_deref().map(|a| {
+            let space = spaces.get(a, || dma_space(&plan.options));
+            SharedMember {
+                holder: space.holder(),
+                space,
+            }
+        });
+        let dma = match &shared {
+            Some(sh) => sh.space.dma().clone(),
+            None => dma_space(&plan.options),
+        };
+        let device = build(dma.clone())?;
+        let mut name = d.name.clone().unwrap_or_else(|| device.name().to_string());
+        if d.name.is_none() {
+            let base = name.clone();
+            let mut i = 1;
+            while servers.iter().any(|s| s.name() == name) {
+                i += 1;
+                name = format!("{base}-{i}");
+            }
+        }
+        let set_name = d
+            .device_set
+            .clone()
+            .or_else(|| device.reset_domain())
+            .unwrap_or_else(|| format!("solo:{name}"));
+        let server = DeviceServer::start_in_set(
+            listener,
+            dma,
+            device,
+            plan.options.clone(),
+            Some(exited.clone()),
+            Placement {
+                set: sets.join(&set_name),
+                name: name.clone(),
+                shared,
+            },
+        )?;
+        log::info!(
+            "device {name}: device set {set_name}, address space {}",
+            d.address_space.as_deref().unwrap_or("(its own)")
+        );
+        print_banner(&banner(d.kind, &d.socket));
         servers.push(server);
     }
 
+    let ctl = match &plan.ctl_socket {
+        Some(path) => {
+            let handles = servers.iter().map(DeviceServer::handle).collect();
+            let c = CtlServer::start(Listener::bind(path)?, handles)?;
+            let names: Vec<&str> = servers.iter().map(DeviceServer::name).collect();
+            log::info!(
+                "control socket {} for devices {}",
+                path.display(),
+                names.join(", ")
+            );
+            Some(c)
+        }
+        None => None,
+    };
     let epoll = Epoll::new().map_err(|e| Error::io("epoll_create", e))?;
     for (fd, token) in [(signals.fd.as_raw_fd(), 1u64), (exited.as_raw_fd(), 2)] {
         epoll
@@ -196,10 +236,29 @@ pub fn run(plan: Plan) -> Result<(), Error> {
                     log::error!("stopping every device: a device server failed");
                     break 'wait;
                 }
+                if let Some(i) = vhost.iter().position(|s| s.is_finished()) {
+                    let s = vhost.swap_remove(i);
+                    let name = s.name().to_string();
+                    result = match s.stop() {
+                        Err(e) => Err(e),
+                        Ok(()) => Err(Error::Config(format!(
+                            "the {name} vhost-user server stopped unexpectedly"
+                        ))),
+                    };
+                    log::error!("stopping every device: a device server failed");
+                    break 'wait;
+                }
             }
         }
     }
+    drop(ctl);
     for s in servers {
+        let name = s.name().to_string();
+        if let Err(e) = s.stop() {
+            log::error!("{name}: {e}");
+        }
+    }
+    for s in vhost {
         let name = s.name().to_string();
         if let Err(e) = s.stop() {
             log::error!("{name}: {e}");
@@ -228,11 +287,15 @@ mod tests {
                 kind: "fake",
                 socket: SocketSpec::Path(p.clone()),
                 build: Builder::VfioUser(Box::new(|_| Ok(Box::new(FakeDevice::new(false).0)))),
+                name: None,
+                device_set: None,
+                address_space: None,
             })
             .collect();
         let plan = Plan {
             options: ServerOptions::default(),
             devices,
+            ctl_socket: None,
         };
         // SAFETY: pthread_self has no preconditions.
         let me = unsafe { libc::pthread_self() };
@@ -265,6 +328,109 @@ mod tests {
         }
     }
 
+    /// Three emulated devices from a plan: two declared in one device set
+    /// and one address space, one unnamed (named after the model, made
+    /// unique); the control socket sees them all, and a client's DMA_MAP
+    /// on one device of the shared space is visible to the other's.
+    #[test]
+    fn config_sets_names_and_shared_spaces_reach_the_servers() {
+        use crate::ctl::CtlClient;
+        let dir = TempDir::new("daemon-sets");
+        let ctl = dir.path().join("ctl.sock");
+        let mk =
+            |i: usize, name: Option<&str>, set: Option<&str>, space: Option<&str>| DevicePlan {
+                kind: "fake",
+                socket: SocketSpec::Path(dir.path().join(format!("d{i}.sock"))),
+                build: Builder::VfioUser(Box::new(|_| Ok(Box::new(FakeDevice::new(false).0)))),
+                name: name.map(str::to_string),
+                device_set: set.map(str::to_string),
+                address_space: space.map(str::to_string),
+            };
+        let plan = Plan {
+            options: ServerOptions::default(),
+            devices: vec![
+                mk(0, Some("a"), Some("slot3"), Some("vm1")),
+                mk(1, Some("b"), Some("slot3"), Some("vm1")),
+                mk(2, None, None, None),
+                mk(3, None, None, None),
+            ],
+            ctl_socket: Some(ctl.clone()),
+        };
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        let helper = {
+            let ctl = ctl.clone();
+            let sock = |i: usize| dir.path().join(format!("d{i}.sock"));
+            let (s0, s1) = (sock(0), sock(1));
+            std::thread::spawn(move || {
+                let t0 = Instant::now();
+                while !ctl.exists() {
+                    assert!(t0.elapsed() < Duration::from_secs(10));
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                let mut c = CtlClient::connect(&ctl).unwrap();
+                let all: serde_json::Value =
+                    serde_json::from_str(&c.request("status").unwrap()).unwrap();
+                let sets: Vec<(String, String)> = all
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|d| {
+                        (
+                            d["name"].as_str().unwrap().to_string(),
+                            d["device_set"].as_str().unwrap().to_string(),
+                        )
+                    })
+                    .collect();
+                // The shared space: a grant through a is seen through b.
+                let mem = crate::testutil::memfd("shared").0;
+                std::fs::File::from(mem.try_clone().unwrap())
+                    .set_len(0x4000)
+                    .unwrap();
+                let mut ca = Client::connect(&s0);
+                ca.version();
+                let mut cb = Client::connect(&s1);
+                cb.version();
+                let map = |c: &mut Client, address: u64| {
+                    c.call_with(
+                        &vdevd_protocol::Request::DmaMap(vdevd_protocol::DmaMap {
+                            argsz: 32,
+                            read: true,
+                            write: true,
+                            offset: 0,
+                            address,
+                            size: 0x4000,
+                        }),
+                        &[std::os::fd::AsRawFd::as_raw_fd(&mem)],
+                    )
+                };
+                let first = map(&mut ca, 0x10000).is_ok();
+                // b's own space would take this; the shared one holds a's
+                // grant there.
+                let conflict = map(&mut cb, 0x12000);
+                let second = map(&mut cb, 0x10000).is_ok();
+                // SAFETY: `me` is blocked in run() until this signal arrives.
+                let rc = unsafe { libc::pthread_kill(me, libc::SIGTERM) };
+                assert_eq!(rc, 0);
+                (sets, first, conflict, second)
+            })
+        };
+        run(plan).unwrap();
+        let (sets, first, conflict, second) = helper.join().unwrap();
+        let set_of = |n: &str| {
+            sets.iter()
+                .find(|(name, _)| name == n)
+                .map(|(_, s)| s.clone())
+                .unwrap_or_else(|| panic!("no device {n} in {sets:?}"))
+        };
+        assert_eq!(set_of("a"), "slot3");
+        assert_eq!(set_of("b"), "slot3");
+        assert_eq!(set_of("fake"), "solo:fake");
+        assert_eq!(set_of("fake-2"), "solo:fake-2");
+        assert!(first && second, "identical grants on one shared space");
+        assert_eq!(conflict.unwrap_err(), libc::EEXIST as u32);
+    }
+
     #[test]
     fn a_device_that_cannot_start_stops_the_others() {
         let dir = TempDir::new("daemon-fail");
@@ -276,6 +442,9 @@ mod tests {
                     kind: "fake",
                     socket: SocketSpec::Path(good.clone()),
                     build: Builder::VfioUser(Box::new(|_| Ok(Box::new(FakeDevice::new(false).0)))),
+                    name: None,
+                    device_set: None,
+                    address_space: None,
                 },
                 DevicePlan {
                     kind: "fake",
@@ -283,8 +452,12 @@ mod tests {
                     build: Builder::VfioUser(Box::new(|_| {
                         Err(Error::Config("no such backing file".into()))
                     })),
+                    name: None,
+                    device_set: None,
+                    address_space: None,
                 },
             ],
+            ctl_socket: None,
         };
         let e = run(plan).unwrap_err();
         assert!(e.to_string().contains("no such backing file"), "{e}");

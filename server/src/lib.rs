@@ -32,8 +32,11 @@
 //! [`daemon`] (the process and its signals), [`vhost_user`] (virtio
 //! devices over vhost-user).
 
+pub mod aspace;
 pub mod cli;
+pub mod ctl;
 pub mod daemon;
+pub mod devset;
 pub mod error;
 pub mod kinds;
 pub mod listener;
