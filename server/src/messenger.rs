@@ -197,12 +197,20 @@ impl Messenger {
         let _ = self.wake.read();
     }
 
+    /// Clear the wake eventfd. The device thread calls this when the
+    /// eventfd fired, before it takes the requests: a request queued after
+    /// that sets it again, so none is missed, and the thread's other calls
+    /// to [`Messenger::take_requests`] (after each batch of client
+    /// messages) cost no system call.
+    pub fn clear_wake(&self) {
+        let _ = self.wake.read();
+    }
+
     /// Requests waiting to be sent, at most `max` of them (the device
     /// thread takes fewer when its output queue is full, and comes back for
-    /// the rest when it drains). Clears the wake eventfd.
+    /// the rest when it drains).
     pub fn take_requests(&self, max: usize) -> Vec<DmaRequest> {
         let mut s = self.lock();
-        let _ = self.wake.read();
         let n = max.min(s.queue.len());
         s.queue.drain(..n).collect()
     }
@@ -714,7 +722,7 @@ mod tests {
     }
 
     #[test]
-    fn take_requests_respects_its_limit_and_clears_the_wakeup() {
+    fn take_requests_respects_its_limit_and_clear_wake_clears_the_wakeup() {
         let m = Arc::new(Messenger::new(Duration::from_millis(200)).unwrap());
         m.connect(1);
         let w = {
@@ -724,6 +732,7 @@ mod tests {
         while m.queued() < 3 {
             std::thread::sleep(Duration::from_millis(1));
         }
+        m.clear_wake();
         assert_eq!(m.take_requests(2).len(), 2);
         assert!(m.wake.read().is_err(), "no wakeup left");
         assert_eq!(m.queued(), 1);

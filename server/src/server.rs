@@ -429,7 +429,10 @@ impl DeviceThread {
                 match token {
                     TOKEN_STOP => return Ok(()),
                     TOKEN_LISTENER => self.accept()?,
-                    TOKEN_DMA => self.pump_dma(),
+                    TOKEN_DMA => {
+                        self.dev.messenger.clear_wake();
+                        self.pump_dma();
+                    }
                     TOKEN_CTL => self.control(),
                     t if self.client.as_ref().is_some_and(|c| c.token == t) => {
                         if set.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR) {
