@@ -39,6 +39,7 @@ pub mod listener;
 pub mod messenger;
 pub mod migration;
 pub mod options;
+pub mod record;
 pub mod server;
 pub mod session;
 pub mod wire;

@@ -31,9 +31,8 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::error::Error;
 use crate::listener::Listener;
-use crate::messenger::Messenger;
-use crate::migration::Migration;
 use crate::options::ServerOptions;
+use crate::record::Recorder;
 use crate::session::{self, DeviceState, Flow, Session};
 use crate::wire::{Fill, OutMessage, Reader, Stats, Writer};
 
@@ -81,8 +80,6 @@ impl DeviceServer {
         let path = listener.path().map(Path::to_path_buf);
         let stop = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| Error::io("eventfd", e))?);
         let stats = Arc::new(Stats::default());
-        let messenger =
-            Arc::new(Messenger::new(options.dma_timeout).map_err(|e| Error::io("eventfd", e))?);
         let epoll = Epoll::new().map_err(|e| Error::io("epoll_create", e))?;
         let mut thread = DeviceThread {
             epoll,
@@ -90,15 +87,7 @@ impl DeviceServer {
             listening: false,
             stop: stop.clone(),
             stats: stats.clone(),
-            dev: DeviceState {
-                device,
-                dma,
-                messenger,
-                options,
-                migration: Migration::default(),
-                opened: false,
-                external_refs: 0,
-            },
+            dev: DeviceState::new(device, dma, options)?,
             client: None,
             connections: 0,
         };
@@ -198,6 +187,8 @@ struct Client {
     want_out: bool,
     token: u64,
     messages: u64,
+    /// Writes the client's messages to the recording directory, if on.
+    recorder: Option<Recorder>,
 }
 
 struct DeviceThread {
@@ -211,8 +202,70 @@ struct DeviceThread {
     connections: u64,
 }
 
-fn output_limit(max_message: usize) -> usize {
+/// The most bytes of unsent output a connection may hold, for a largest
+/// message of `max_message` bytes.
+pub fn output_limit(max_message: usize) -> usize {
     max_message.saturating_mul(4).max(16 << 20)
+}
+
+/// What [`dispatch`] did with the messages buffered in a reader.
+#[derive(Debug, Default)]
+pub struct Dispatched {
+    /// Messages handled.
+    pub messages: u64,
+    /// Why the connection must close, if it must.
+    pub close: Option<String>,
+}
+
+/// Handle every complete message buffered in `reader`, queueing replies on
+/// `writer`; once VERSION is negotiated, raise the reader's and writer's
+/// limits to what was agreed. This is the whole of what a device thread
+/// does with client input between `recvmsg` and `sendmsg`, shared with
+/// the `dispatch` fuzz target.
+pub fn dispatch(
+    session: &mut Session,
+    dev: &mut DeviceState,
+    reader: &mut Reader,
+    writer: &mut Writer,
+    stats: &Stats,
+    mut recorder: Option<&mut Recorder>,
+) -> Dispatched {
+    let mut done = Dispatched::default();
+    loop {
+        let msg = match reader.next_message() {
+            Ok(Some(m)) => m,
+            Ok(None) => break,
+            Err(fe) => {
+                session.frame_error(&fe.header, &fe.error, writer);
+                done.close = Some(fe.error.to_string());
+                break;
+            }
+        };
+        if let Some(r) = recorder.as_deref_mut() {
+            r.record(msg.bytes, &msg.fds);
+        }
+        done.messages += 1;
+        Stats::bump(&stats.messages_received);
+        let was_negotiated = session.negotiated();
+        match session.handle(dev, msg, writer) {
+            Ok(Flow::Continue) => {}
+            Ok(Flow::Close) => {
+                done.close = Some("protocol violation".into());
+                break;
+            }
+            Err(e) => {
+                done.close = Some(e.to_string());
+                break;
+            }
+        }
+        if !was_negotiated && session.negotiated() {
+            Stats::bump(&stats.sessions);
+            let max = session.max_message();
+            reader.set_max_message(max);
+            writer.set_limit(output_limit(max));
+        }
+    }
+    done
 }
 
 impl DeviceThread {
@@ -335,6 +388,7 @@ impl DeviceThread {
             want_out: false,
             token,
             messages: 0,
+            recorder: Recorder::from_env(self.dev.device.name(), self.connections),
         });
         Ok(())
     }
@@ -361,39 +415,20 @@ impl DeviceThread {
                 return;
             }
         }
-        let mut close: Option<String> = None;
-        loop {
-            let msg = match c.reader.next_message() {
-                Ok(Some(m)) => m,
-                Ok(None) => break,
-                Err(fe) => {
-                    c.session.frame_error(&fe.header, &fe.error, &mut c.writer);
-                    close = Some(fe.error.to_string());
-                    break;
-                }
-            };
-            c.messages += 1;
-            Stats::bump(&self.stats.messages_received);
-            let was_negotiated = c.session.negotiated();
-            match c.session.handle(&mut self.dev, msg, &mut c.writer) {
-                Ok(Flow::Continue) => {}
-                Ok(Flow::Close) => {
-                    close = Some("protocol violation".into());
-                    break;
-                }
-                Err(e) => {
-                    close = Some(e.to_string());
-                    break;
-                }
-            }
-            if !was_negotiated && c.session.negotiated() {
-                c.deadline = None;
-                Stats::bump(&self.stats.sessions);
-                let max = c.session.max_message();
-                c.reader.set_max_message(max);
-                c.writer.set_limit(output_limit(max));
-            }
+        let was_negotiated = c.session.negotiated();
+        let done = dispatch(
+            &mut c.session,
+            &mut self.dev,
+            &mut c.reader,
+            &mut c.writer,
+            &self.stats,
+            c.recorder.as_mut(),
+        );
+        c.messages += done.messages;
+        if !was_negotiated && c.session.negotiated() {
+            c.deadline = None;
         }
+        let close = done.close;
         if let Some(why) = close {
             // Best effort: the error reply, then close.
             let _ = c.writer.flush(c.sock.as_fd(), &self.stats);
