@@ -63,6 +63,27 @@ pub struct DeviceState {
     pub external_refs: usize,
 }
 
+impl DeviceState {
+    /// The state of `device`, built on `dma`, before any client.
+    pub fn new(
+        device: Box<dyn Device>,
+        dma: Arc<DmaSpace>,
+        options: ServerOptions,
+    ) -> Result<DeviceState, Error> {
+        let messenger =
+            Arc::new(Messenger::new(options.dma_timeout).map_err(|e| Error::io("eventfd", e))?);
+        Ok(DeviceState {
+            device,
+            dma,
+            messenger,
+            options,
+            migration: Migration::default(),
+            opened: false,
+            external_refs: 0,
+        })
+    }
+}
+
 /// What the session negotiated with VERSION.
 #[derive(Clone, Copy, Debug)]
 struct Negotiated {
@@ -993,6 +1014,7 @@ impl Session {
             F::DmaLoggingStart(start) => {
                 let ranges: Vec<(u64, u64)> =
                     start.ranges.iter().map(|r| (r.iova, r.length)).collect();
+                check_dirty_log(dev, start.page_size, &ranges)?;
                 dev.dma.start_dirty_logging(start.page_size, &ranges)?;
                 proto::FeatureReply::DmaLoggingStart(start.clone())
             }
@@ -1059,6 +1081,45 @@ fn unmap_all(dev: &mut DeviceState) {
 fn check_region(dev: &DeviceState, index: u32) -> Result<(), Error> {
     if index >= dev.device.info().num_regions {
         return Err(vdevd_devices::Error::NoSuchRegion(index).into());
+    }
+    Ok(())
+}
+
+/// Most memory the dirty bitmaps of one DMA_LOGGING_START may take: what
+/// one report may carry at most (QEMU's `max_bitmap_size`), 8 TiB of
+/// logged memory at 4 KiB pages.
+pub const MAX_DIRTY_LOG_BYTES: u64 = proto::version::DEFAULT_MAX_BITMAP_SIZE;
+
+/// Refuse a DMA_LOGGING_START whose bitmaps would be larger than
+/// [`MAX_DIRTY_LOG_BYTES`] (a client could otherwise make the server
+/// allocate without bound), or whose page size is below the smallest DMA
+/// page size offered.
+fn check_dirty_log(dev: &DeviceState, page_size: u64, ranges: &[(u64, u64)]) -> Result<(), Error> {
+    let min_page = dev.options.page_size();
+    if page_size < min_page || !page_size.is_power_of_two() {
+        return Err(Error::InvalidArgument(format!(
+            "dirty logging page size {page_size:#x} (a power of two of at least {min_page:#x})"
+        )));
+    }
+    let mapped: Vec<(u64, u64)>;
+    let ranges = if ranges.is_empty() {
+        mapped = dev.dma.ranges().iter().map(|r| (r.iova, r.size)).collect();
+        &mapped[..]
+    } else {
+        ranges
+    };
+    let mut bytes: u64 = 0;
+    for &(_, len) in ranges {
+        // One bit per page, in 64-bit words.
+        let words = len.div_ceil(page_size).div_ceil(64);
+        bytes = bytes.saturating_add(words.saturating_mul(8));
+    }
+    if bytes > MAX_DIRTY_LOG_BYTES {
+        return Err(Error::TransferTooLarge {
+            what: "dirty bitmaps",
+            value: bytes,
+            max: MAX_DIRTY_LOG_BYTES,
+        });
     }
     Ok(())
 }
