@@ -14,6 +14,7 @@
 
 mod commands;
 mod common;
+mod hostile;
 mod interop;
 mod negative;
 
@@ -25,5 +26,15 @@ mod negative;
 fn killed_client_child() {
     if let Some(socket) = std::env::var_os(negative::KILL_SOCKET_ENV) {
         negative::killed_client_child(std::path::Path::new(&socket));
+    }
+}
+
+/// Not a test: a client of the kill loop in `hostile` that is killed with
+/// SIGKILL, run in a child process. Does nothing when run normally.
+#[test]
+#[ignore = "helper process for the kill loop"]
+fn sigkill_victim_child() {
+    if let Some(socket) = std::env::var_os(hostile::VICTIM_SOCKET_ENV) {
+        hostile::sigkill_victim_child(std::path::Path::new(&socket));
     }
 }
