@@ -77,7 +77,9 @@ pub fn run(plan: Plan) -> Result<(), Error> {
     let mut servers = Vec::new();
     for d in plan.devices {
         let listener = match &d.socket {
-            SocketSpec::Path(p) => Listener::bind(p)?,
+            SocketSpec::Path(p) => {
+                Listener::bind_with(p, &crate::listener::BindOptions::from(&plan.options))?
+            }
             SocketSpec::Fd(fd) => Listener::from_fd(*fd)?,
         };
         let dma = dma_space(&plan.options);

@@ -49,8 +49,8 @@ const TOKEN_SHIFT: u32 = 8;
 pub fn dma_space(options: &ServerOptions) -> Arc<DmaSpace> {
     Arc::new(DmaSpace::new(DmaLimits {
         max_maps: options.max_dma_maps,
+        max_bytes: options.max_dma_bytes,
         page_size: options.page_size(),
-        ..DmaLimits::default()
     }))
 }
 
@@ -123,7 +123,7 @@ impl DeviceServer {
         build: impl FnOnce(Arc<DmaSpace>) -> Result<Box<dyn Device>, Error>,
     ) -> Result<DeviceServer, Error> {
         options.validate()?;
-        let listener = Listener::bind(path)?;
+        let listener = Listener::bind_with(path, &crate::listener::BindOptions::from(&options))?;
         let dma = dma_space(&options);
         let device = build(dma.clone())?;
         DeviceServer::start(listener, dma, device, options, None)
@@ -367,6 +367,25 @@ impl DeviceThread {
         };
         self.connections += 1;
         Stats::bump(&self.stats.connections);
+        if !self.dev.options.allow_uids.is_empty() {
+            match crate::listener::peer_uid(&sock) {
+                Ok(uid) if self.dev.options.allow_uids.contains(&uid) => {}
+                Ok(uid) => {
+                    log::warn!(
+                        "{}: refusing a client running as uid {uid} (not in --allow-uid)",
+                        self.dev.device.name()
+                    );
+                    return Ok(());
+                }
+                Err(e) => {
+                    log::warn!(
+                        "{}: refusing a client whose credentials cannot be read: {e}",
+                        self.dev.device.name()
+                    );
+                    return Ok(());
+                }
+            }
+        }
         let token = TOKEN_CLIENT | (self.connections << TOKEN_SHIFT);
         self.register(sock.as_raw_fd(), token, EventSet::IN)?;
         self.listen(false)?;

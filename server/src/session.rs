@@ -129,6 +129,64 @@ impl Reply {
 #[derive(Debug, Default)]
 pub struct Session {
     negotiated: Option<Negotiated>,
+    warnings: WarnLimiter,
+}
+
+/// Rate limit of the warnings one client can cause: at most `limit` per
+/// second; the rest are counted and the count logged once the second is
+/// over, so a flood of bad messages cannot flood the log.
+#[derive(Debug, Default)]
+pub struct WarnLimiter {
+    window: Option<std::time::Instant>,
+    logged: u32,
+    suppressed: u64,
+}
+
+impl WarnLimiter {
+    /// Whether a warning may be logged now, with `limit` per second (0:
+    /// no limit). Logs how many were suppressed in the last window when a
+    /// new one starts.
+    pub fn allow(&mut self, limit: u32) -> bool {
+        if limit == 0 {
+            return true;
+        }
+        let now = std::time::Instant::now();
+        let fresh = self
+            .window
+            .is_none_or(|w| now.duration_since(w) >= std::time::Duration::from_secs(1));
+        if fresh {
+            if self.suppressed > 0 {
+                log::warn!(
+                    "{} more warnings about this client suppressed (limit {limit} per second)",
+                    self.suppressed
+                );
+            }
+            self.window = Some(now);
+            self.logged = 0;
+            self.suppressed = 0;
+        }
+        if self.logged < limit {
+            self.logged += 1;
+            true
+        } else {
+            self.suppressed += 1;
+            false
+        }
+    }
+
+    /// Warnings suppressed in the current window.
+    pub fn suppressed(&self) -> u64 {
+        self.suppressed
+    }
+}
+
+/// Log a warning through the session's limiter.
+macro_rules! warn_limited {
+    ($self:expr, $dev:expr, $($arg:tt)+) => {
+        if $self.warnings.allow($dev.options.log_warnings_per_sec) {
+            log::warn!($($arg)+);
+        }
+    };
 }
 
 fn check_fds(count: usize, max: usize, command: u16) -> Result<(), Error> {
@@ -272,7 +330,7 @@ impl Session {
             Ok(k) => k,
             Err(e) => {
                 let e = Error::Protocol(e);
-                log::warn!("id {}: {e}", header.msg_id);
+                warn_limited!(self, dev, "id {}: {e}", header.msg_id);
                 out.push(error_reply(&header, e.errno()))?;
                 return Ok(Flow::Continue);
             }
@@ -310,6 +368,9 @@ impl Session {
                 let errno = e.errno();
                 let level = match e {
                     Error::FeatureNotSupported(_) | Error::NotSupported(_) => log::Level::Info,
+                    _ if !self.warnings.allow(dev.options.log_warnings_per_sec) => {
+                        log::Level::Debug
+                    }
                     _ => log::Level::Warn,
                 };
                 log::log!(
@@ -352,14 +413,16 @@ impl Session {
                 id: header.msg_id,
                 command: header.command,
             };
-            log::warn!("{e}: the reply flag is set on a request");
+            warn_limited!(self, dev, "{e}: the reply flag is set on a request");
             let mut h = *header;
             h.flags = 0;
             out.push(error_reply(&h, e.errno()))?;
             return Ok(Flow::Continue);
         }
         if !fds.is_empty() {
-            log::warn!(
+            warn_limited!(
+                self,
+                dev,
                 "id {}: closing {} descriptors sent with a reply",
                 header.msg_id,
                 fds.len()
@@ -380,10 +443,13 @@ impl Session {
                     proto::DmaReply::Write(a) => DmaReply::Write(a.map(|a| (a.address, a.count))),
                 })
         };
-        let reply = parsed.unwrap_or_else(|e| {
-            log::warn!("id {}: malformed reply: {e}", header.msg_id);
-            DmaReply::Error(libc::EINVAL as u32)
-        });
+        let reply = match parsed {
+            Ok(r) => r,
+            Err(e) => {
+                warn_limited!(self, dev, "id {}: malformed reply: {e}", header.msg_id);
+                DmaReply::Error(libc::EINVAL as u32)
+            }
+        };
         match dev.messenger.complete(header.msg_id, reply) {
             Ok(()) => {}
             Err(ReplyMismatch::UnknownId) => {
@@ -391,13 +457,17 @@ impl Session {
                     id: header.msg_id,
                     command: header.command,
                 };
-                log::warn!("{e}; ignored");
+                warn_limited!(self, dev, "{e}; ignored");
             }
-            Err(ReplyMismatch::WrongCommand) => log::warn!(
-                "id {}: reply with command {} does not match our request; ignored",
-                header.msg_id,
-                command_name(header.command)
-            ),
+            Err(ReplyMismatch::WrongCommand) => {
+                warn_limited!(
+                    self,
+                    dev,
+                    "id {}: reply with command {} does not match our request; ignored",
+                    header.msg_id,
+                    command_name(header.command)
+                );
+            }
         }
         Ok(Flow::Continue)
     }
@@ -653,8 +723,8 @@ impl Session {
         };
         dev.dma.set_limits(DmaLimits {
             max_maps: o.max_dma_maps,
+            max_bytes: o.max_dma_bytes,
             page_size,
-            ..DmaLimits::default()
         });
         if !dev.opened {
             dev.device.open()?;

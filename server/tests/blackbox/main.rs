@@ -16,6 +16,7 @@ mod commands;
 mod common;
 mod hostile;
 mod interop;
+mod limits;
 mod negative;
 
 /// Not a test: the client that `negative` kills mid-message, run in a
