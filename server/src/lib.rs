@@ -40,6 +40,7 @@ pub mod messenger;
 pub mod migration;
 pub mod options;
 pub mod record;
+pub mod sandbox;
 pub mod server;
 pub mod session;
 pub mod wire;

@@ -55,6 +55,8 @@ pub struct ServerOptions {
     /// If not empty, only clients running as one of these user ids are
     /// served (checked with SO_PEERCRED); others are disconnected at once.
     pub allow_uids: Vec<u32>,
+    /// The seccomp filter of the device threads.
+    pub seccomp: crate::sandbox::SeccompMode,
 }
 
 impl Default for ServerOptions {
@@ -71,6 +73,7 @@ impl Default for ServerOptions {
             log_warnings_per_sec: 20,
             socket_mode: 0o600,
             allow_uids: Vec::new(),
+            seccomp: crate::sandbox::SeccompMode::default(),
         }
     }
 }
@@ -204,6 +207,15 @@ pub struct OptionOverrides {
     #[arg(long = "allow-uid", value_name = "UID", global = true)]
     #[serde(default, rename = "allow_uids")]
     pub allow_uids: Vec<u32>,
+    /// What the seccomp filter of the threads that handle client input
+    /// does with a system call it does not allow: errno (EPERM), kill
+    /// (the process), log (allow and log), or off [default: errno]
+    #[arg(long, value_name = "ACTION", global = true)]
+    pub seccomp: Option<crate::sandbox::SeccompMode>,
+    /// No seccomp filter (same as --seccomp off)
+    #[arg(long, global = true, conflicts_with = "seccomp")]
+    #[serde(default)]
+    pub no_seccomp: bool,
 }
 
 /// Parse permission bits written in octal ("660", "0o660" or "0660").
@@ -272,6 +284,12 @@ impl OptionOverrides {
         }
         if !self.allow_uids.is_empty() {
             o.allow_uids.clone_from(&self.allow_uids);
+        }
+        if let Some(v) = self.seccomp {
+            o.seccomp = v;
+        }
+        if self.no_seccomp {
+            o.seccomp = crate::sandbox::SeccompMode::Off;
         }
     }
 }

@@ -94,10 +94,14 @@ impl DeviceServer {
         thread.register(thread.stop.as_raw_fd(), TOKEN_STOP, EventSet::IN)?;
         thread.register(thread.dev.messenger.wake_fd(), TOKEN_DMA, EventSet::IN)?;
         thread.listen(true)?;
+        let filter = crate::sandbox::device_thread_filter(thread.dev.options.seccomp)?;
         let handle = std::thread::Builder::new()
             .name(format!("vdevd-{name}"))
             .spawn(move || {
-                let result = thread.run();
+                let result = match filter.as_ref().map(crate::sandbox::apply) {
+                    Some(Err(e)) => Err(e),
+                    _ => thread.run(),
+                };
                 if let Err(e) = &result {
                     log::error!("device {}: {e}", thread.dev.device.name());
                 }

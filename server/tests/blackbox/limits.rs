@@ -233,3 +233,39 @@ fn only_allowed_uids_are_served() {
     let mut c = s.connect().expect("connect");
     c.version().expect("our own uid is served");
 }
+
+/// The `Seccomp:` mode of the process's thread called `name` (2: filter).
+fn seccomp_mode(pid: u32, name: &str) -> Option<u32> {
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let t = t.ok()?.path();
+        let comm = std::fs::read_to_string(t.join("comm")).unwrap_or_default();
+        if comm.trim() == name {
+            let status = std::fs::read_to_string(t.join("status")).ok()?;
+            return status
+                .lines()
+                .find_map(|l| l.strip_prefix("Seccomp:"))
+                .and_then(|v| v.trim().parse().ok());
+        }
+    }
+    None
+}
+
+#[test]
+fn the_device_thread_runs_under_seccomp_unless_turned_off() {
+    let mut f = Fixture::new(&[]);
+    let pid = f.server.pid();
+    assert_eq!(seccomp_mode(pid, "vdevd-sample"), Some(2), "filter mode");
+    // The main thread (signals, start-up) has no filter.
+    assert_eq!(seccomp_mode(pid, "vdevd"), Some(0));
+    // Everything a client does still works under the filter.
+    {
+        let (mut c, _) = f.served();
+        let mem = SharedMemory::unsealed("seccomp", MIB).expect("memfd");
+        c.dma_map_fd(0x10_0000, MIB, mem.file().as_fd(), 0, true)
+            .expect("map");
+        assert_eq!(c.region_read(BAR2, 0, 16).expect("read").len(), 16);
+    }
+    f.check_clean("a session under seccomp");
+    let s = start(&["--no-seccomp"]);
+    assert_eq!(seccomp_mode(s.pid(), "vdevd-sample"), Some(0));
+}
