@@ -74,7 +74,13 @@ fn banner(kind: &str, socket: &SocketSpec) -> String {
 pub fn run(plan: Plan) -> Result<(), Error> {
     let signals = Signals::block()?;
     let exited = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| Error::io("eventfd", e))?);
-    let mut servers = Vec::new();
+    // Open everything first, as whoever started us; then drop to --user;
+    // then serve.
+    let credentials = match &plan.options.user {
+        Some(u) => Some(crate::privileges::lookup(u)?),
+        None => None,
+    };
+    let mut opened = Vec::new();
     for d in plan.devices {
         let listener = match &d.socket {
             SocketSpec::Path(p) => {
@@ -82,8 +88,19 @@ pub fn run(plan: Plan) -> Result<(), Error> {
             }
             SocketSpec::Fd(fd) => Listener::from_fd(*fd)?,
         };
+        if let (Some(c), Some(path)) = (&credentials, listener.path()) {
+            std::os::unix::fs::chown(path, Some(c.uid), Some(c.gid))
+                .map_err(|e| Error::io(format!("chown {}", path.display()), e))?;
+        }
         let dma = dma_space(&plan.options);
         let device = (d.build)(dma.clone())?;
+        opened.push((d.kind, d.socket, listener, dma, device));
+    }
+    if let Some(c) = &credentials {
+        crate::privileges::drop_to(c)?;
+    }
+    let mut servers = Vec::new();
+    for (kind, socket, listener, dma, device) in opened {
         let server = DeviceServer::start(
             listener,
             dma,
@@ -91,7 +108,7 @@ pub fn run(plan: Plan) -> Result<(), Error> {
             plan.options.clone(),
             Some(exited.clone()),
         )?;
-        let text = banner(d.kind, &d.socket);
+        let text = banner(kind, &socket);
         log::info!("{}", text.replace('\n', ";"));
         let mut out = io::stdout().lock();
         let _ = writeln!(out, "{text}");

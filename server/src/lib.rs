@@ -39,6 +39,7 @@ pub mod listener;
 pub mod messenger;
 pub mod migration;
 pub mod options;
+pub mod privileges;
 pub mod record;
 pub mod sandbox;
 pub mod server;

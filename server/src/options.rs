@@ -57,6 +57,9 @@ pub struct ServerOptions {
     pub allow_uids: Vec<u32>,
     /// The seccomp filter of the device threads.
     pub seccomp: crate::sandbox::SeccompMode,
+    /// Switch the process to this user (name or uid) once its sockets and
+    /// devices are open.
+    pub user: Option<String>,
 }
 
 impl Default for ServerOptions {
@@ -74,6 +77,7 @@ impl Default for ServerOptions {
             socket_mode: 0o600,
             allow_uids: Vec::new(),
             seccomp: crate::sandbox::SeccompMode::default(),
+            user: None,
         }
     }
 }
@@ -216,6 +220,11 @@ pub struct OptionOverrides {
     #[arg(long, global = true, conflicts_with = "seccomp")]
     #[serde(default)]
     pub no_seccomp: bool,
+    /// Once the sockets and devices are open, switch to this user (name or
+    /// uid) and its group, dropping supplementary groups; the socket files
+    /// are given to that user first
+    #[arg(long, value_name = "USER", global = true)]
+    pub user: Option<String>,
 }
 
 /// Parse permission bits written in octal ("660", "0o660" or "0660").
@@ -290,6 +299,9 @@ impl OptionOverrides {
         }
         if self.no_seccomp {
             o.seccomp = crate::sandbox::SeccompMode::Off;
+        }
+        if let Some(v) = &self.user {
+            o.user = Some(v.clone());
         }
     }
 }

@@ -269,3 +269,58 @@ fn the_device_thread_runs_under_seccomp_unless_turned_off() {
     let s = start(&["--no-seccomp"]);
     assert_eq!(seccomp_mode(s.pid(), "vdevd-sample"), Some(0));
 }
+
+/// The real, effective, saved and fs uids of every thread of `pid`.
+fn thread_uids(pid: u32) -> Vec<String> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks") {
+        let status =
+            std::fs::read_to_string(t.expect("task").path().join("status")).unwrap_or_default();
+        if let Some(l) = status.lines().find(|l| l.starts_with("Uid:")) {
+            out.push(l.split_whitespace().skip(1).collect::<Vec<_>>().join(" "));
+        }
+    }
+    out
+}
+
+#[test]
+fn the_server_drops_to_the_user_given_after_opening_its_socket() {
+    // SAFETY: getuid has no preconditions.
+    if unsafe { libc::getuid() } != 0 {
+        // Only root can switch users: as anyone else --user must fail
+        // loudly, not run with the wrong identity.
+        let e = vdevd_tests::ServerProcess::start(
+            crate::common::vdevd(),
+            "sample",
+            &["--user", "65534"],
+            "info",
+        )
+        .expect_err("--user without root");
+        assert!(e.to_string().contains("drop privileges"), "{e}");
+        return;
+    }
+    let mut s = start(&["--user", "65534"]);
+    let uids = thread_uids(s.pid());
+    assert!(!uids.is_empty());
+    for u in &uids {
+        assert_eq!(
+            u, "65534 65534 65534 65534",
+            "every thread switched: {uids:?}"
+        );
+    }
+    let meta = std::fs::metadata(s.socket()).expect("stat socket");
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::uid(&meta),
+        65534,
+        "the socket is the user's"
+    );
+    // Root (this test) may still connect; the device is served.
+    let mut c = s.connect().expect("connect");
+    c.version().expect("VERSION");
+    assert_eq!(
+        c.read32(BAR0, sample::regs::ID).expect("ID"),
+        sample::ID_VALUE
+    );
+    drop(c);
+    assert!(s.stop().expect("stop").success(), "{}", s.log());
+}
