@@ -7,6 +7,7 @@
 pub mod block;
 pub mod device;
 pub mod dma;
+pub mod nvme;
 pub mod pci;
 pub mod sample;
 

@@ -94,6 +94,12 @@ impl<'a> IoBufs<'a> {
         self.push_raw(buf.as_mut_ptr(), buf.len());
     }
 
+    /// Empty the list (keeping its storage).
+    pub fn clear(&mut self) {
+        self.iov.clear();
+        self.len = 0;
+    }
+
     /// Total length in bytes.
     pub fn len(&self) -> usize {
         self.len

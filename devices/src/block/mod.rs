@@ -27,6 +27,9 @@ pub use file::{FileBackend, FileOptions};
 pub use iobuf::{IoBufs, IoVecStorage};
 pub use mem::MemBackend;
 
+#[cfg(test)]
+pub(crate) use file::tests::TempFile;
+
 use std::io;
 
 /// Why a block request failed. Device models map these to their own status

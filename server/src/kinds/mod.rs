@@ -15,6 +15,7 @@ use vdevd_devices::dma::DmaSpace;
 use crate::cli::SocketArgs;
 use crate::error::Error;
 
+pub mod nvme;
 pub mod sample;
 
 /// A device type: its name, its options and how to build it.
@@ -56,6 +57,12 @@ Examples:
   vdevd sample --socket /run/vdevd/sample0.sock --msix-vectors 8 --buffer-size 1048576
   vdevd sample --fd 3        # a listening socket inherited from the parent";
 
+const NVME_EXAMPLES: &str = "\
+Examples:
+  vdevd nvme --socket /run/vdevd/nvme0.sock                  # 1 GiB in memory
+  vdevd nvme --socket /run/vdevd/nvme0.sock --image disk.raw --direct --queues 8
+  vdevd nvme --socket /run/vdevd/nvme0.sock --size 16G --doorbells mmap";
+
 /// The device subcommands.
 #[derive(Debug, clap::Subcommand)]
 pub enum DeviceCommand {
@@ -63,6 +70,10 @@ pub enum DeviceCommand {
     /// MSI-X/MSI/INTx (vendor 1234, device 5344)
     #[command(after_long_help = SAMPLE_EXAMPLES)]
     Sample(DeviceArgs<sample::SampleOptions>),
+    /// An NVMe controller with one namespace on a raw image or in memory
+    /// (class 010802; the guest's nvme driver binds to it)
+    #[command(after_long_help = NVME_EXAMPLES)]
+    Nvme(DeviceArgs<nvme::NvmeOptions>),
     #[cfg(test)]
     /// A device for the command line tests.
     Fake(DeviceArgs<tests::FakeOptions>),
@@ -77,6 +88,9 @@ impl DeviceCommand {
                 a.socket,
                 builder::<sample::Sample>(a.options),
             ),
+            DeviceCommand::Nvme(a) => {
+                (nvme::Nvme::NAME, a.socket, builder::<nvme::Nvme>(a.options))
+            }
             #[cfg(test)]
             DeviceCommand::Fake(a) => (
                 tests::Fake::NAME,
@@ -91,6 +105,7 @@ impl DeviceCommand {
 pub fn names() -> Vec<&'static str> {
     vec![
         sample::Sample::NAME,
+        nvme::Nvme::NAME,
         #[cfg(test)]
         tests::Fake::NAME,
     ]
@@ -108,6 +123,9 @@ fn parse<T: DeviceType>(table: toml::Table) -> Result<Builder, Error> {
 pub fn from_table(kind: &str, table: toml::Table) -> Result<Builder, Error> {
     if kind == sample::Sample::NAME {
         return parse::<sample::Sample>(table);
+    }
+    if kind == nvme::Nvme::NAME {
+        return parse::<nvme::Nvme>(table);
     }
     #[cfg(test)]
     if kind == tests::Fake::NAME {

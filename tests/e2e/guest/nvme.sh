@@ -259,3 +259,65 @@ phase_recover() {
     check recover check_recover
     check final-state check_final_state
 }
+
+# --- the device server killed (suite nvme-crash) ---------------------------
+# srvkill: a fresh ext4 with a few files, then a writer that reports every
+# file it has written, fsync'ed and `sync`ed (flushed to the device) as
+# `E2E-INFO flushed-file NAME SHA256`, with reads in flight beside it, until
+# the host kills the device server (SIGKILL) under it.
+check_sk_setup() {
+    mkfs.ext4 -q -F -b 4096 -L vdevd-crash "$DEV" $((SCRATCH / 4096)) || die "mkfs.ext4 failed"
+    mkdir -p "$FS_MNT"
+    mount -t ext4 "$DEV" "$FS_MNT" || die "mount of the new ext4 failed"
+    write_files "$FS_MNT" base
+    sync
+}
+sk_writer() {
+    _trace_off
+    _i=0
+    while :; do
+        _i=$((_i + 1))
+        _f=w-$_i.bin
+        dd if=/dev/urandom of=/tmp/w.bin bs=64k count=4 2>/dev/null
+        _sum=$(sha256sum </tmp/w.bin | cut -d' ' -f1)
+        # fsync the file, then sync the file system (journal commit, FLUSH):
+        # only when both returned is the file reported as flushed.
+        dd if=/tmp/w.bin of="$FS_MNT/$_f" bs=64k conv=fsync 2>/dev/null || break
+        sync || break
+        info flushed-file "$_f" "$_sum"
+        [ "$_i" != 3 ] || mark busy
+    done
+}
+phase_srvkill() {
+    check bind check_bind || return 0
+    nvme_locate || return 0
+    check setup check_sk_setup || return 0
+    sk_writer &
+    (while :; do dd if="$DEV" of=/dev/null bs=64k count=256 iflag=direct 2>/dev/null; done) &
+    sleep 3600
+}
+
+# srvkill_recover: a new guest on the restarted server. Every file in
+# E2E_FLUSHED ("NAME:SHA256 ...", what the host saw reported as flushed
+# before the kill) is there with its content, the setup files too, and the
+# file system is clean once mounting has replayed its journal.
+check_sk_recover() {
+    mount -t ext4 "$DEV" "$FS_MNT" || die "mount after the server was killed failed"
+    verify_files "$FS_MNT"
+    _n=0
+    for _e in $E2E_FLUSHED; do
+        _f=${_e%%:*}
+        [ -f "$FS_MNT/$_f" ] || die "$_f was flushed before the kill and is missing"
+        _sum=$(sha256sum <"$FS_MNT/$_f" | cut -d' ' -f1)
+        [ "$_sum" = "${_e#*:}" ] || die "$_f was flushed before the kill and reads back different ($_sum)"
+        _n=$((_n + 1))
+    done
+    info flushed-verified "$_n"
+    umount "$FS_MNT"
+    fsck_clean
+}
+phase_srvkill_recover() {
+    check bind check_bind || return 0
+    nvme_locate || return 0
+    check recover check_sk_recover
+}
