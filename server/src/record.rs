@@ -14,6 +14,9 @@
 //! of bits, from bit 2 up, the [`FdKind`] of one of them. The fuzz target
 //! recreates descriptors of the same kind in place of the client's.
 //!
+//! Files are created on the device thread: while the variable is set, its
+//! seccomp filter also allows opening files.
+//!
 //! Recording is for development: it writes every byte the client sends,
 //! guest data included, so it is off unless the variable is set, and a
 //! failure to write only logs a warning.

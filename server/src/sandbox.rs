@@ -140,15 +140,28 @@ fn target_arch() -> Result<TargetArch, Error> {
 }
 
 /// The filter of a device thread, or `None` for [`SeccompMode::Off`].
-pub fn device_thread_filter(mode: SeccompMode) -> Result<Option<BpfProgram>, Error> {
+/// `recording`: traffic recording is on (`VDEVD_RECORD_DIR`), which
+/// creates files from the device thread; opening and creating directories
+/// are allowed then.
+pub fn device_thread_filter(
+    mode: SeccompMode,
+    recording: bool,
+) -> Result<Option<BpfProgram>, Error> {
     let mismatch = match mode {
         SeccompMode::Off => return Ok(None),
         SeccompMode::Errno => SeccompAction::Errno(libc::EPERM as u32),
         SeccompMode::Kill => SeccompAction::KillProcess,
         SeccompMode::Log => SeccompAction::Log,
     };
+    let mut calls = allowed();
+    if recording {
+        log::warn!("traffic recording is on: the device threads may open files");
+        calls.extend([libc::SYS_openat, libc::SYS_mkdirat]);
+        #[cfg(target_arch = "x86_64")]
+        calls.extend([libc::SYS_open, libc::SYS_mkdir]);
+    }
     let rules: BTreeMap<i64, Vec<SeccompRule>> =
-        allowed().into_iter().map(|nr| (nr, Vec::new())).collect();
+        calls.into_iter().map(|nr| (nr, Vec::new())).collect();
     let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, target_arch()?)
         .map_err(|e| Error::Config(format!("seccomp filter: {e}")))?;
     BpfProgram::try_from(filter)
@@ -171,7 +184,9 @@ mod tests {
     #[test]
     fn forbidden_calls_are_refused_and_allowed_ones_work() {
         let r = std::thread::spawn(|| {
-            let program = device_thread_filter(SeccompMode::Errno).unwrap().unwrap();
+            let program = device_thread_filter(SeccompMode::Errno, false)
+                .unwrap()
+                .unwrap();
             apply(&program).unwrap();
             // SAFETY: socket takes no pointers.
             let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
@@ -204,9 +219,14 @@ mod tests {
 
     #[test]
     fn off_means_no_filter() {
-        assert!(device_thread_filter(SeccompMode::Off).unwrap().is_none());
+        assert!(
+            device_thread_filter(SeccompMode::Off, false)
+                .unwrap()
+                .is_none()
+        );
         for m in [SeccompMode::Errno, SeccompMode::Kill, SeccompMode::Log] {
-            assert!(device_thread_filter(m).unwrap().is_some());
+            assert!(device_thread_filter(m, false).unwrap().is_some());
+            assert!(device_thread_filter(m, true).unwrap().is_some());
         }
     }
 }

@@ -94,7 +94,8 @@ impl DeviceServer {
         thread.register(thread.stop.as_raw_fd(), TOKEN_STOP, EventSet::IN)?;
         thread.register(thread.dev.messenger.wake_fd(), TOKEN_DMA, EventSet::IN)?;
         thread.listen(true)?;
-        let filter = crate::sandbox::device_thread_filter(thread.dev.options.seccomp)?;
+        let recording = std::env::var_os(crate::record::RECORD_DIR_ENV).is_some();
+        let filter = crate::sandbox::device_thread_filter(thread.dev.options.seccomp, recording)?;
         let handle = std::thread::Builder::new()
             .name(format!("vdevd-{name}"))
             .spawn(move || {
