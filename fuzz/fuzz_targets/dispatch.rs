@@ -100,7 +100,14 @@ fuzz_target!(|data: &[u8]| {
                     Ok(Fill::WouldBlock) => break,
                     Ok(Fill::Eof) | Err(_) => break 'conversation,
                 }
-                let done = dispatch(&mut session, &mut dev, &mut reader, &mut writer, &stats, None);
+                let done = dispatch(
+                    &mut session,
+                    &mut dev,
+                    &mut reader,
+                    &mut writer,
+                    &stats,
+                    None,
+                );
                 if done.close.is_some() {
                     break 'conversation;
                 }
@@ -112,7 +119,8 @@ fuzz_target!(|data: &[u8]| {
         drain(&mut writer, &server, &client, &stats, &mut sink);
         // A whole command that wants a reply, read and handled, was answered.
         if check_reply && reader.buffered() == 0 {
-            let replies = (Stats::get(&stats.messages_sent) - sent_before) - (pumped - pumped_before);
+            let replies =
+                (Stats::get(&stats.messages_sent) - sent_before) - (pumped - pumped_before);
             assert!(replies >= 1, "a command that wants a reply got none");
         }
     }
@@ -160,7 +168,13 @@ fn pump(dev: &DeviceState, session: &Session, writer: &mut Writer) -> u64 {
 
 /// Send what the server queued and read it on the client side (descriptors
 /// that come with it are closed by the kernel).
-fn drain(writer: &mut Writer, server: &UnixStream, client: &UnixStream, stats: &Stats, sink: &mut [u8]) {
+fn drain(
+    writer: &mut Writer,
+    server: &UnixStream,
+    client: &UnixStream,
+    stats: &Stats,
+    sink: &mut [u8],
+) {
     loop {
         let done = writer.flush(server.as_fd(), stats).unwrap_or(true);
         while matches!((&*client).read(sink), Ok(n) if n > 0) {}
@@ -181,7 +195,10 @@ fn make_fd(kind: FdKind) -> Option<OwnedFd> {
         FdKind::SealedMemory | FdKind::UnsealedMemory => {
             // SAFETY: a NUL-terminated name and valid flags; checked below.
             let fd = unsafe {
-                libc::memfd_create(c"fuzz".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+                libc::memfd_create(
+                    c"fuzz".as_ptr(),
+                    libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+                )
             };
             if fd < 0 {
                 return None;
