@@ -95,13 +95,13 @@ impl DeviceServer {
         thread.register(thread.dev.messenger.wake_fd(), TOKEN_DMA, EventSet::IN)?;
         thread.listen(true)?;
         let recording = std::env::var_os(crate::record::RECORD_DIR_ENV).is_some();
-        let filter = crate::sandbox::device_thread_filter(thread.dev.options.seccomp, recording)?;
+        let filters = crate::sandbox::device_thread_filters(thread.dev.options.seccomp, recording)?;
         let handle = std::thread::Builder::new()
             .name(format!("vdevd-{name}"))
             .spawn(move || {
-                let result = match filter.as_ref().map(crate::sandbox::apply) {
-                    Some(Err(e)) => Err(e),
-                    _ => thread.run(),
+                let result = match crate::sandbox::apply_all(&filters) {
+                    Err(e) => Err(e),
+                    Ok(()) => thread.run(),
                 };
                 if let Err(e) = &result {
                     log::error!("device {}: {e}", thread.dev.device.name());

@@ -324,3 +324,39 @@ fn the_server_drops_to_the_user_given_after_opening_its_socket() {
     drop(c);
     assert!(s.stop().expect("stop").success(), "{}", s.log());
 }
+
+#[test]
+fn a_whole_session_runs_with_the_kill_action() {
+    // With `--seccomp kill` any call missing from the allow-list ends the
+    // process: a DMA session, an abrupt disconnect and a second session
+    // show the list covers what serving takes.
+    let mut f = Fixture::new(&["--seccomp", "kill"]);
+    for round in 0..2 {
+        let (mut c, _) = f.served();
+        let sealed = SharedMemory::new("kill-sealed", MIB).expect("memfd");
+        let unsealed = SharedMemory::unsealed("kill-unsealed", MIB).expect("memfd");
+        unsealed.write(0, b"through pread").expect("write");
+        c.dma_map_fd(0x10_0000, MIB, sealed.file().as_fd(), 0, true)
+            .expect("map sealed");
+        c.dma_map_fd(0x20_0000, MIB, unsealed.file().as_fd(), 0, true)
+            .expect("map unsealed");
+        c.dma_map_msg(0x4000_0000, 0x10000, true).expect("map msg");
+        sample::enable_bus_master(&mut c).expect("bus master");
+        let irqs = sample::enable_msix(&mut c, 2).expect("msix");
+        c.write32(BAR0, sample::regs::IRQ_ENABLE, sample::regs::IRQ_DMA)
+            .expect("IRQ_ENABLE");
+        for src in [0x10_0000u64, 0x20_0000, 0x4000_0000] {
+            sample::start_dma(&mut c, src, 0, 13, false).expect("dma");
+            sample::wait_irq(&mut c, &irqs[1], Duration::from_secs(10)).expect("interrupt");
+        }
+        assert_eq!(c.region_read(BAR2, 0, 13).expect("read"), vec![0; 13]);
+        sample::start_dma(&mut c, 0x20_0000, 0, 13, false).expect("dma");
+        sample::wait_irq(&mut c, &irqs[1], Duration::from_secs(10)).expect("interrupt");
+        assert_eq!(c.region_read(BAR2, 0, 13).expect("read"), b"through pread");
+        c.reset().expect("reset");
+        assert!(f.server.is_running(), "round {round}: {}", f.server.log());
+        // Cut off without unmapping.
+        drop(c);
+    }
+    f.check_clean("sessions under --seccomp kill");
+}
