@@ -1213,3 +1213,20 @@ fn require_migratable(dev: &mut DeviceState) -> Result<(), Error> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod warn_limiter_tests {
+    use super::WarnLimiter;
+
+    #[test]
+    fn at_most_the_limit_per_window_then_counted() {
+        let mut w = WarnLimiter::default();
+        let allowed = (0..10).filter(|_| w.allow(3)).count();
+        assert_eq!(allowed, 3);
+        assert_eq!(w.suppressed(), 7);
+        // no limit
+        let mut w = WarnLimiter::default();
+        assert!((0..1000).all(|_| w.allow(0)));
+        assert_eq!(w.suppressed(), 0);
+    }
+}
