@@ -241,6 +241,13 @@ pub trait Device: Send {
 
     /// The device's migration interface, if it can be migrated.
     fn migration(&mut self) -> Option<&mut dyn Migratable>;
+
+    /// The reset domain the device shares with other devices (a hot reset
+    /// touches them all), if any: the server puts the devices of one
+    /// domain in one device set. Emulated devices have none.
+    fn reset_domain(&self) -> Option<String> {
+        None
+    }
 }
 
 /// A device whose state can be saved and restored (vfio-user migration v2).

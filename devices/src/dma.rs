@@ -25,6 +25,12 @@
 //! Unmapping removes the range from the published table, then waits until no
 //! view still references it before the mapping is released, so that the
 //! reply to DMA_UNMAP is sent only once no device can touch the memory.
+//!
+//! A [`DmaMirror`] (the IOMMU of a real device, see `crate::passthrough`)
+//! can be attached to a space: it is told about every file-backed range
+//! exactly once when the range is added and once when it is removed, in the
+//! order the space applies them, so that a real device's DMA reaches the
+//! same client memory as the emulated devices' accesses do.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -198,6 +204,33 @@ pub enum DmaError {
     /// invalid parameters.
     #[error("dirty page logging: {0}")]
     Logging(&'static str),
+    /// The address space's mirror (a real IOMMU) refused the range.
+    #[error("IOMMU mapping of {iova:#x}+{size:#x} failed: {source}")]
+    Mirror {
+        /// Start of the refused range.
+        iova: u64,
+        /// Size of the refused range.
+        size: u64,
+        /// What the kernel said.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A consumer that must see every file-backed range of a [`DmaSpace`]
+/// exactly once: the IOMMU address space a real device's DMA goes through.
+///
+/// Calls are made with the space's writer lock held, in the order ranges
+/// are added and removed. Ranges without a file are never mirrored (a real
+/// device cannot reach memory the server only sees through messages).
+pub trait DmaMirror: Send + Sync {
+    /// `range` was added, backed by `file` from `offset`. An error refuses
+    /// the range: it is not added to the space either.
+    fn map(&self, range: &DmaRange, file: &Arc<File>, offset: u64) -> Result<(), DmaError>;
+    /// `range` (added earlier through [`DmaMirror::map`]) was removed.
+    fn unmap(&self, range: &DmaRange);
+    /// The mirror as `Any`, so that its owner can find its own type again.
+    fn as_any(self: Arc<Self>) -> Arc<dyn std::any::Any + Send + Sync>;
 }
 
 /// Moves data between the server and client memory that was granted without
@@ -297,6 +330,18 @@ struct Region {
 }
 
 impl Region {
+    /// The client's file behind the range and the range's offset in it.
+    fn file(&self) -> Option<(&Arc<File>, u64)> {
+        match &self.backing {
+            Backing::Mapped { mapping, offset } => mapping
+                .region
+                .file_offset()
+                .map(|f| (f.arc(), f.start() + *offset as u64)),
+            Backing::File { file, offset } => Some((file, *offset)),
+            Backing::Message => None,
+        }
+    }
+
     fn end(&self) -> u64 {
         // Checked on insertion: iova + size never wraps.
         self.iova + self.size
@@ -390,6 +435,8 @@ struct WriterState {
 pub struct DmaSpace {
     current: ArcSwap<Snapshot>,
     writer: Mutex<WriterState>,
+    mirror: Mutex<Option<Arc<dyn DmaMirror>>>,
+    label: Mutex<String>,
     limits: Mutex<DmaLimits>,
     session_thread: Mutex<Option<std::thread::ThreadId>>,
 }
@@ -427,6 +474,8 @@ impl DmaSpace {
         DmaSpace {
             current: ArcSwap::from_pointee(Snapshot::default()),
             writer: Mutex::new(WriterState::default()),
+            mirror: Mutex::new(None),
+            label: Mutex::new(String::new()),
             limits: Mutex::new(limits),
             session_thread: Mutex::new(None),
         }
@@ -440,6 +489,54 @@ impl DmaSpace {
     /// The limits in force.
     pub fn limits(&self) -> DmaLimits {
         *lock(&self.limits)
+    }
+
+    /// Name the space (for logs, e.g. the address space name of the
+    /// configuration).
+    pub fn set_label(&self, label: &str) {
+        *lock(&self.label) = label.to_string();
+    }
+
+    /// The space's name, empty if it has none.
+    pub fn label(&self) -> String {
+        lock(&self.label).clone()
+    }
+
+    /// Attach `mirror`, which is first told about every file-backed range
+    /// already mapped. Fails (and attaches nothing) if a mirror is already
+    /// attached or refuses one of the existing ranges, which it is then told
+    /// to forget again.
+    pub fn set_mirror(&self, mirror: Arc<dyn DmaMirror>) -> Result<(), DmaError> {
+        let _w = lock(&self.writer);
+        let mut slot = lock(&self.mirror);
+        if slot.is_some() {
+            return Err(DmaError::Mirror {
+                iova: 0,
+                size: 0,
+                source: io::Error::from_raw_os_error(libc::EBUSY),
+            });
+        }
+        let snap = self.current.load_full();
+        let mut done: Vec<DmaRange> = Vec::new();
+        for region in snap.regions.values() {
+            let Some((file, offset)) = region.file() else {
+                continue;
+            };
+            if let Err(e) = mirror.map(&region.range(), file, offset) {
+                for r in done.iter().rev() {
+                    mirror.unmap(r);
+                }
+                return Err(e);
+            }
+            done.push(region.range());
+        }
+        *slot = Some(mirror);
+        Ok(())
+    }
+
+    /// The attached mirror, if any.
+    pub fn mirror(&self) -> Option<Arc<dyn DmaMirror>> {
+        lock(&self.mirror).clone()
     }
 
     /// Install (or remove) the messenger used for ranges mapped without a
@@ -532,6 +629,9 @@ impl DmaSpace {
             backing,
         });
         let range = region.range();
+        if let (Some(m), Some((file, offset))) = (lock(&self.mirror).as_ref(), region.file()) {
+            m.map(&range, file, offset)?;
+        }
         let mut next = Snapshot::clone(&snap);
         next.regions.insert(iova, region);
         next.bytes = bytes;
@@ -620,6 +720,7 @@ impl DmaSpace {
                 .ok_or(DmaError::NotFound { iova, size })?;
             next.bytes -= removed.size;
             self.current.store(Arc::new(next));
+            self.unmirror(&removed);
             removed
         };
         let range = removed.range();
@@ -633,15 +734,28 @@ impl DmaSpace {
             let _w = lock(&self.writer);
             let snap = self.current.load_full();
             let mut next = Snapshot::clone(&snap);
-            let removed = next.regions.values().cloned().collect();
+            let removed: Vec<Arc<Region>> = next.regions.values().cloned().collect();
             next.regions = OrdMap::new();
             next.bytes = 0;
             self.current.store(Arc::new(next));
+            for r in &removed {
+                self.unmirror(r);
+            }
             removed
         };
         let ranges = removed.iter().map(|r| r.range()).collect();
         wait_unreferenced(removed);
         ranges
+    }
+
+    /// Tell the mirror (if any) that a file-backed range is gone. Called
+    /// with the writer lock held.
+    fn unmirror(&self, region: &Region) {
+        if region.file().is_some() {
+            if let Some(m) = lock(&self.mirror).as_ref() {
+                m.unmap(&region.range());
+            }
+        }
     }
 
     /// A view of the address space for one batch of device work. Hold it
@@ -1355,5 +1469,118 @@ mod tests {
         assert_eq!(bm, vec![0]);
         space.stop_dirty_logging().unwrap();
         assert!(space.stop_dirty_logging().is_err());
+    }
+
+    /// Records what it is told; refuses ranges at `refuse_iova`.
+    #[derive(Default)]
+    struct RecordingMirror {
+        log: Mutex<Vec<(&'static str, u64, u64, u64)>>,
+        refuse_iova: Option<u64>,
+    }
+
+    impl DmaMirror for RecordingMirror {
+        fn map(&self, range: &DmaRange, file: &Arc<File>, offset: u64) -> Result<(), DmaError> {
+            if Some(range.iova) == self.refuse_iova {
+                return Err(DmaError::Mirror {
+                    iova: range.iova,
+                    size: range.size,
+                    source: io::Error::from_raw_os_error(libc::ENOSPC),
+                });
+            }
+            assert!(file.metadata().unwrap().len() >= offset + range.size);
+            lock(&self.log).push(("map", range.iova, range.size, offset));
+            Ok(())
+        }
+        fn unmap(&self, range: &DmaRange) {
+            lock(&self.log).push(("unmap", range.iova, range.size, 0));
+        }
+        fn as_any(self: Arc<Self>) -> Arc<dyn std::any::Any + Send + Sync> {
+            self
+        }
+    }
+
+    #[test]
+    fn mirror_sees_each_file_backed_range_once_in_order() {
+        let space = DmaSpace::default();
+        let sealed = memfd(0x4000, true);
+        let plain = memfd(0x4000, false);
+        // mapped before the mirror: replayed when it is attached
+        map_fd(&space, 0x1000, 0x1000, &sealed, 0x2000).unwrap();
+        space
+            .map(MapRequest {
+                iova: 0x8000,
+                size: 0x1000,
+                prot: Prot::RO,
+                file: None,
+            })
+            .unwrap();
+        let m = Arc::new(RecordingMirror::default());
+        space.set_mirror(m.clone()).unwrap();
+        assert_eq!(*lock(&m.log), vec![("map", 0x1000, 0x1000, 0x2000)]);
+        // a second mirror is refused
+        let other = Arc::new(RecordingMirror::default());
+        assert!(matches!(
+            space.set_mirror(other),
+            Err(DmaError::Mirror { .. })
+        ));
+        map_fd(&space, 0x2000, 0x2000, &plain, 0x1000).unwrap();
+        space.unmap(0x1000, 0x1000).unwrap();
+        // message-backed ranges are never mirrored
+        space.unmap(0x8000, 0x1000).unwrap();
+        space.unmap_all();
+        assert_eq!(
+            *lock(&m.log),
+            vec![
+                ("map", 0x1000, 0x1000, 0x2000),
+                ("map", 0x2000, 0x2000, 0x1000),
+                ("unmap", 0x1000, 0x1000, 0),
+                ("unmap", 0x2000, 0x2000, 0),
+            ]
+        );
+        // the owner finds its own type again
+        let any = space.mirror().unwrap().as_any();
+        assert!(any.downcast::<RecordingMirror>().is_ok());
+    }
+
+    #[test]
+    fn a_range_the_mirror_refuses_is_not_mapped() {
+        let space = DmaSpace::default();
+        let f = memfd(0x4000, true);
+        let m = Arc::new(RecordingMirror {
+            refuse_iova: Some(0x3000),
+            ..RecordingMirror::default()
+        });
+        space.set_mirror(m.clone()).unwrap();
+        map_fd(&space, 0x1000, 0x1000, &f, 0).unwrap();
+        let e = map_fd(&space, 0x3000, 0x1000, &f, 0x1000).unwrap_err();
+        assert!(matches!(e, DmaError::Mirror { iova: 0x3000, .. }), "{e}");
+        assert_eq!(space.len(), 1);
+        assert!(space.find(0x3000, 0x1000).is_none());
+        assert_eq!(lock(&m.log).len(), 1);
+    }
+
+    #[test]
+    fn attaching_a_mirror_that_refuses_an_existing_range_unwinds() {
+        let space = DmaSpace::default();
+        let f = memfd(0x4000, true);
+        map_fd(&space, 0x1000, 0x1000, &f, 0).unwrap();
+        map_fd(&space, 0x2000, 0x1000, &f, 0x1000).unwrap();
+        map_fd(&space, 0x3000, 0x1000, &f, 0x2000).unwrap();
+        let m = Arc::new(RecordingMirror {
+            refuse_iova: Some(0x3000),
+            ..RecordingMirror::default()
+        });
+        assert!(space.set_mirror(m.clone()).is_err());
+        assert!(space.mirror().is_none());
+        assert_eq!(
+            *lock(&m.log),
+            vec![
+                ("map", 0x1000, 0x1000, 0),
+                ("map", 0x2000, 0x1000, 0x1000),
+                ("unmap", 0x2000, 0x1000, 0),
+                ("unmap", 0x1000, 0x1000, 0),
+            ]
+        );
+        assert_eq!(space.len(), 3, "the space itself is untouched");
     }
 }

@@ -8,6 +8,7 @@ pub mod block;
 pub mod device;
 pub mod dma;
 pub mod nvme;
+pub mod passthrough;
 pub mod pci;
 pub mod sample;
 
@@ -59,6 +60,26 @@ pub enum Error {
     /// The device is in a state that does not allow this.
     #[error("device in a bad state: {0}")]
     BadState(String),
+    /// The device cannot be given an IOMMU: the host has no VFIO or iommufd
+    /// support, the device has no IOMMU group, or the IOMMU type is missing.
+    #[error("no IOMMU: {0}")]
+    NoIommu(String),
+    /// No further DMA address space (container, IOAS) can be created.
+    #[error("address spaces exhausted: {0}")]
+    AddressSpacesExhausted(String),
+    /// The device cannot join the address space: it uses another IOMMU
+    /// type, or its IOMMU would change the page sizes already in use.
+    #[error("incompatible address space: {0}")]
+    IncompatibleAddressSpace(String),
+    /// A host VFIO or iommufd call failed.
+    #[error("{what}: {source}")]
+    Vfio {
+        /// What was being done.
+        what: String,
+        /// The kernel's error.
+        #[source]
+        source: std::io::Error,
+    },
     /// Client memory could not be reached.
     #[error(transparent)]
     Dma(#[from] DmaError),

@@ -46,6 +46,14 @@ Examples:
     type = \"sample\"
     socket = \"/run/vdevd/sample1.sock\"
 
+  External users (a management process keeping devices open across VMM
+  reconnects) through a control socket:
+    vdevd --config devices.toml --ctl-socket /run/vdevd/ctl.sock
+    vdevd ctl --socket /run/vdevd/ctl.sock status
+    vdevd ctl --socket /run/vdevd/ctl.sock hold sample0   # until killed
+  Config keys of a [[device]] for this: name = \"sample0\", device_set = \"slot3\"
+  (devices of one set are opened and closed under one lock).
+
 Signals: SIGTERM or SIGINT stop every device, disconnect their clients and
 remove their sockets.";
 
@@ -62,6 +70,11 @@ pub struct Cli {
     /// Serve every device described in this TOML file (instead of a DEVICE)
     #[arg(long, value_name = "FILE.toml")]
     pub config: Option<PathBuf>,
+
+    /// Listen for external users (`vdevd ctl`) on this Unix socket: they
+    /// take references that keep devices open across client reconnects
+    #[arg(long, value_name = "PATH")]
+    pub ctl_socket: Option<PathBuf>,
 
     #[command(flatten, next_help_heading = "Server options (also after the DEVICE)")]
     pub overrides: OptionOverrides,
@@ -107,6 +120,13 @@ pub struct DevicePlan {
     pub socket: SocketSpec,
     /// Builds the device.
     pub build: Builder,
+    /// Its name on the control socket (default: the device's own name).
+    pub name: Option<String>,
+    /// The device set it joins (default: its reset domain, or a set of
+    /// its own).
+    pub device_set: Option<String>,
+    /// The shared DMA address space it joins (default: one of its own).
+    pub address_space: Option<String>,
 }
 
 impl std::fmt::Debug for DevicePlan {
@@ -114,6 +134,9 @@ impl std::fmt::Debug for DevicePlan {
         f.debug_struct("DevicePlan")
             .field("kind", &self.kind)
             .field("socket", &self.socket)
+            .field("name", &self.name)
+            .field("device_set", &self.device_set)
+            .field("address_space", &self.address_space)
             .finish_non_exhaustive()
     }
 }
@@ -125,6 +148,8 @@ pub struct Plan {
     pub options: ServerOptions,
     /// The devices.
     pub devices: Vec<DevicePlan>,
+    /// The control socket for external users, if any.
+    pub ctl_socket: Option<PathBuf>,
 }
 
 /// The directory for default socket paths, created (mode 0700) if needed.
@@ -186,6 +211,8 @@ struct ConfigFile {
     server: OptionOverrides,
     #[serde(default)]
     device: Vec<toml::Table>,
+    #[serde(default)]
+    ctl_socket: Option<PathBuf>,
 }
 
 impl Plan {
@@ -209,14 +236,22 @@ impl Plan {
                         kind,
                         socket: socket_spec(socket, kind)?,
                         build,
+                        name: None,
+                        device_set: None,
+                        address_space: None,
                     }],
+                    ctl_socket: cli.ctl_socket,
                 })
             }
             (Some(path), None) => {
                 let text = std::fs::read_to_string(&path)
                     .map_err(|e| Error::io(format!("read {}", path.display()), e))?;
-                Plan::from_config(&text, &cli.overrides)
-                    .map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+                let mut plan = Plan::from_config(&text, &cli.overrides)
+                    .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+                if cli.ctl_socket.is_some() {
+                    plan.ctl_socket = cli.ctl_socket;
+                }
+                Ok(plan)
             }
         }
     }
@@ -268,6 +303,26 @@ impl Plan {
                     "device #{n}: {socket:?} is used by another device"
                 )));
             }
+            let mut text_key = |key: &str| match table.remove(key) {
+                None => Ok(None),
+                Some(toml::Value::String(v)) if !v.is_empty() && v.len() <= 64 => Ok(Some(v)),
+                Some(_) => Err(Error::Config(format!(
+                    "device #{n}: {key} must be a string of 1 to 64 characters"
+                ))),
+            };
+            let name = text_key("name")?;
+            let device_set = text_key("device_set")?;
+            let address_space = text_key("address_space")?;
+            if let Some(nm) = &name {
+                if devices
+                    .iter()
+                    .any(|d: &DevicePlan| d.name.as_ref() == Some(nm))
+                {
+                    return Err(Error::Config(format!(
+                        "device #{n}: the name {nm:?} is used by another device"
+                    )));
+                }
+            }
             let build = kinds::from_table(&kind, table)
                 .map_err(|e| Error::Config(format!("device #{n}: {e}")))?;
             let kind = kinds::names()
@@ -278,9 +333,16 @@ impl Plan {
                 kind,
                 socket,
                 build,
+                name,
+                device_set,
+                address_space,
             });
         }
-        Ok(Plan { options, devices })
+        Ok(Plan {
+            options,
+            devices,
+            ctl_socket: file.ctl_socket,
+        })
     }
 }
 
@@ -435,6 +497,49 @@ mod tests {
         let b = it.next().unwrap();
         assert_eq!(b.socket, SocketSpec::Fd(4));
         assert!(build_message(b).contains("level 1"));
+    }
+
+    #[test]
+    fn config_names_device_sets_and_the_control_socket() {
+        let text = r#"
+            ctl_socket = "/tmp/ctl.sock"
+            [[device]]
+            type = "fake"
+            socket = "/tmp/a.sock"
+            name = "a"
+            device_set = "slot3"
+            address_space = "vm1"
+            [[device]]
+            type = "fake"
+            socket = "/tmp/b.sock"
+        "#;
+        let p = Plan::from_config(text, &OptionOverrides::default()).unwrap();
+        assert_eq!(p.ctl_socket, Some(PathBuf::from("/tmp/ctl.sock")));
+        assert_eq!(p.devices[0].name.as_deref(), Some("a"));
+        assert_eq!(p.devices[0].device_set.as_deref(), Some("slot3"));
+        assert_eq!(p.devices[1].name, None);
+        assert_eq!(p.devices[1].device_set, None);
+        assert_eq!(p.devices[0].address_space.as_deref(), Some("vm1"));
+        assert_eq!(p.devices[1].address_space, None);
+        let dup = "[[device]]\ntype = \"fake\"\nsocket = \"/a\"\nname = \"x\"\n\
+                   [[device]]\ntype = \"fake\"\nsocket = \"/b\"\nname = \"x\"";
+        let e = Plan::from_config(dup, &OptionOverrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("\"x\" is used"), "{e}");
+        let bad = "[[device]]\ntype = \"fake\"\nsocket = \"/a\"\ndevice_set = 3";
+        let e = Plan::from_config(bad, &OptionOverrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("device_set must be a string"), "{e}");
+        let p = parse(&["vdevd", "--ctl-socket", "/tmp/c.sock", "fake", "--fd", "3"]).unwrap();
+        assert_eq!(p.ctl_socket, Some(PathBuf::from("/tmp/c.sock")));
+        let ctl = crate::ctl::CtlCli::try_parse_from(["ctl", "--socket", "/s", "hold", "a", "b"])
+            .unwrap();
+        assert!(
+            matches!(ctl.command, crate::ctl::CtlCommand::Hold { ref names } if names.len() == 2)
+        );
+        assert!(crate::ctl::CtlCli::try_parse_from(["ctl", "--socket", "/s", "hold"]).is_err());
     }
 
     #[test]

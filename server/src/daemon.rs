@@ -8,10 +8,13 @@ use std::sync::Arc;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
+use crate::aspace::{SharedMember, SharedSpaces};
 use crate::cli::{Plan, SocketSpec};
+use crate::ctl::CtlServer;
+use crate::devset::DeviceSets;
 use crate::error::Error;
 use crate::listener::Listener;
-use crate::server::{DeviceServer, dma_space};
+use crate::server::{DeviceServer, Placement, dma_space};
 
 /// SIGTERM and SIGINT, blocked in every thread and read from a signalfd.
 struct Signals {
@@ -80,7 +83,27 @@ pub fn run(plan: Plan) -> Result<(), Error> {
         Some(u) => Some(crate::privileges::lookup(u)?),
         None => None,
     };
-    let mut opened = Vec::new();
+    let give = |path: Option<&std::path::Path>| -> Result<(), Error> {
+        if let (Some(c), Some(path)) = (&credentials, path) {
+            std::os::unix::fs::chown(path, Some(c.uid), Some(c.gid))
+                .map_err(|e| Error::io(format!("chown {}", path.display()), e))?;
+        }
+        Ok(())
+    };
+    let sets = DeviceSets::new();
+    let spaces = SharedSpaces::default();
+    struct Opened {
+        kind: &'static str,
+        socket: SocketSpec,
+        address_space: Option<String>,
+        listener: Listener,
+        dma: Arc<vdevd_devices::dma::DmaSpace>,
+        device: Box<dyn vdevd_devices::Device>,
+        name: String,
+        set_name: String,
+        shared: Option<SharedMember>,
+    }
+    let mut opened: Vec<Opened> = Vec::new();
     for d in plan.devices {
         let listener = match &d.socket {
             SocketSpec::Path(p) => {
@@ -88,27 +111,77 @@ pub fn run(plan: Plan) -> Result<(), Error> {
             }
             SocketSpec::Fd(fd) => Listener::from_fd(*fd)?,
         };
-        if let (Some(c), Some(path)) = (&credentials, listener.path()) {
-            std::os::unix::fs::chown(path, Some(c.uid), Some(c.gid))
-                .map_err(|e| Error::io(format!("chown {}", path.display()), e))?;
-        }
-        let dma = dma_space(&plan.options);
+        give(listener.path())?;
+        let shared = d.address_space.as_deref().map(|a| {
+            let space = spaces.get(a, || dma_space(&plan.options));
+            SharedMember {
+                holder: space.holder(),
+                space,
+            }
+        });
+        let dma = match &shared {
+            Some(sh) => sh.space.dma().clone(),
+            None => dma_space(&plan.options),
+        };
         let device = (d.build)(dma.clone())?;
-        opened.push((d.kind, d.socket, listener, dma, device));
-    }
-    if let Some(c) = &credentials {
-        crate::privileges::drop_to(c)?;
-    }
-    let mut servers = Vec::new();
-    for (kind, socket, listener, dma, device) in opened {
-        let server = DeviceServer::start(
+        let mut name = d.name.clone().unwrap_or_else(|| device.name().to_string());
+        if d.name.is_none() {
+            let base = name.clone();
+            let mut i = 1;
+            while opened.iter().any(|o| o.name == name) {
+                i += 1;
+                name = format!("{base}-{i}");
+            }
+        }
+        let set_name = d
+            .device_set
+            .clone()
+            .or_else(|| device.reset_domain())
+            .unwrap_or_else(|| format!("solo:{name}"));
+        opened.push(Opened {
+            kind: d.kind,
+            socket: d.socket,
+            address_space: d.address_space,
             listener,
             dma,
             device,
+            name,
+            set_name,
+            shared,
+        });
+    }
+    let ctl_listener = match &plan.ctl_socket {
+        Some(path) => {
+            let l = Listener::bind(path)?;
+            give(l.path())?;
+            Some((path.clone(), l))
+        }
+        None => None,
+    };
+    if let Some(c) = &credentials {
+        crate::privileges::drop_to(c)?;
+    }
+    let mut servers: Vec<DeviceServer> = Vec::new();
+    for o in opened {
+        let server = DeviceServer::start_in_set(
+            o.listener,
+            o.dma,
+            o.device,
             plan.options.clone(),
             Some(exited.clone()),
+            Placement {
+                set: sets.join(&o.set_name),
+                name: o.name.clone(),
+                shared: o.shared,
+            },
         )?;
-        let text = banner(kind, &socket);
+        log::info!(
+            "device {}: device set {}, address space {}",
+            o.name,
+            o.set_name,
+            o.address_space.as_deref().unwrap_or("(its own)")
+        );
+        let text = banner(o.kind, &o.socket);
         log::info!("{}", text.replace('\n', ";"));
         let mut out = io::stdout().lock();
         let _ = writeln!(out, "{text}");
@@ -116,6 +189,20 @@ pub fn run(plan: Plan) -> Result<(), Error> {
         servers.push(server);
     }
 
+    let ctl = match ctl_listener {
+        Some((path, listener)) => {
+            let handles = servers.iter().map(DeviceServer::handle).collect();
+            let c = CtlServer::start(listener, handles)?;
+            let names: Vec<&str> = servers.iter().map(DeviceServer::name).collect();
+            log::info!(
+                "control socket {} for devices {}",
+                path.display(),
+                names.join(", ")
+            );
+            Some(c)
+        }
+        None => None,
+    };
     let epoll = Epoll::new().map_err(|e| Error::io("epoll_create", e))?;
     for (fd, token) in [(signals.fd.as_raw_fd(), 1u64), (exited.as_raw_fd(), 2)] {
         epoll
@@ -162,6 +249,7 @@ pub fn run(plan: Plan) -> Result<(), Error> {
             }
         }
     }
+    drop(ctl);
     for s in servers {
         let name = s.name().to_string();
         if let Err(e) = s.stop() {
@@ -191,11 +279,15 @@ mod tests {
                 kind: "fake",
                 socket: SocketSpec::Path(p.clone()),
                 build: Box::new(|_| Ok(Box::new(FakeDevice::new(false).0))),
+                name: None,
+                device_set: None,
+                address_space: None,
             })
             .collect();
         let plan = Plan {
             options: ServerOptions::default(),
             devices,
+            ctl_socket: None,
         };
         // SAFETY: pthread_self has no preconditions.
         let me = unsafe { libc::pthread_self() };
@@ -228,6 +320,109 @@ mod tests {
         }
     }
 
+    /// Three emulated devices from a plan: two declared in one device set
+    /// and one address space, one unnamed (named after the model, made
+    /// unique); the control socket sees them all, and a client's DMA_MAP
+    /// on one device of the shared space is visible to the other's.
+    #[test]
+    fn config_sets_names_and_shared_spaces_reach_the_servers() {
+        use crate::ctl::CtlClient;
+        let dir = TempDir::new("daemon-sets");
+        let ctl = dir.path().join("ctl.sock");
+        let mk =
+            |i: usize, name: Option<&str>, set: Option<&str>, space: Option<&str>| DevicePlan {
+                kind: "fake",
+                socket: SocketSpec::Path(dir.path().join(format!("d{i}.sock"))),
+                build: Box::new(|_| Ok(Box::new(FakeDevice::new(false).0))),
+                name: name.map(str::to_string),
+                device_set: set.map(str::to_string),
+                address_space: space.map(str::to_string),
+            };
+        let plan = Plan {
+            options: ServerOptions::default(),
+            devices: vec![
+                mk(0, Some("a"), Some("slot3"), Some("vm1")),
+                mk(1, Some("b"), Some("slot3"), Some("vm1")),
+                mk(2, None, None, None),
+                mk(3, None, None, None),
+            ],
+            ctl_socket: Some(ctl.clone()),
+        };
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        let helper = {
+            let ctl = ctl.clone();
+            let sock = |i: usize| dir.path().join(format!("d{i}.sock"));
+            let (s0, s1) = (sock(0), sock(1));
+            std::thread::spawn(move || {
+                let t0 = Instant::now();
+                while !ctl.exists() {
+                    assert!(t0.elapsed() < Duration::from_secs(10));
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                let mut c = CtlClient::connect(&ctl).unwrap();
+                let all: serde_json::Value =
+                    serde_json::from_str(&c.request("status").unwrap()).unwrap();
+                let sets: Vec<(String, String)> = all
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|d| {
+                        (
+                            d["name"].as_str().unwrap().to_string(),
+                            d["device_set"].as_str().unwrap().to_string(),
+                        )
+                    })
+                    .collect();
+                // The shared space: a grant through a is seen through b.
+                let mem = crate::testutil::memfd("shared").0;
+                std::fs::File::from(mem.try_clone().unwrap())
+                    .set_len(0x4000)
+                    .unwrap();
+                let mut ca = Client::connect(&s0);
+                ca.version();
+                let mut cb = Client::connect(&s1);
+                cb.version();
+                let map = |c: &mut Client, address: u64| {
+                    c.call_with(
+                        &vdevd_protocol::Request::DmaMap(vdevd_protocol::DmaMap {
+                            argsz: 32,
+                            read: true,
+                            write: true,
+                            offset: 0,
+                            address,
+                            size: 0x4000,
+                        }),
+                        &[std::os::fd::AsRawFd::as_raw_fd(&mem)],
+                    )
+                };
+                let first = map(&mut ca, 0x10000).is_ok();
+                // b's own space would take this; the shared one holds a's
+                // grant there.
+                let conflict = map(&mut cb, 0x12000);
+                let second = map(&mut cb, 0x10000).is_ok();
+                // SAFETY: `me` is blocked in run() until this signal arrives.
+                let rc = unsafe { libc::pthread_kill(me, libc::SIGTERM) };
+                assert_eq!(rc, 0);
+                (sets, first, conflict, second)
+            })
+        };
+        run(plan).unwrap();
+        let (sets, first, conflict, second) = helper.join().unwrap();
+        let set_of = |n: &str| {
+            sets.iter()
+                .find(|(name, _)| name == n)
+                .map(|(_, s)| s.clone())
+                .unwrap_or_else(|| panic!("no device {n} in {sets:?}"))
+        };
+        assert_eq!(set_of("a"), "slot3");
+        assert_eq!(set_of("b"), "slot3");
+        assert_eq!(set_of("fake"), "solo:fake");
+        assert_eq!(set_of("fake-2"), "solo:fake-2");
+        assert!(first && second, "identical grants on one shared space");
+        assert_eq!(conflict.unwrap_err(), libc::EEXIST as u32);
+    }
+
     #[test]
     fn a_device_that_cannot_start_stops_the_others() {
         let dir = TempDir::new("daemon-fail");
@@ -239,13 +434,20 @@ mod tests {
                     kind: "fake",
                     socket: SocketSpec::Path(good.clone()),
                     build: Box::new(|_| Ok(Box::new(FakeDevice::new(false).0))),
+                    name: None,
+                    device_set: None,
+                    address_space: None,
                 },
                 DevicePlan {
                     kind: "fake",
                     socket: SocketSpec::Path(dir.path().join("bad.sock")),
                     build: Box::new(|_| Err(Error::Config("no such backing file".into()))),
+                    name: None,
+                    device_set: None,
+                    address_space: None,
                 },
             ],
+            ctl_socket: None,
         };
         let e = run(plan).unwrap_err();
         assert!(e.to_string().contains("no such backing file"), "{e}");

@@ -151,6 +151,10 @@ pub enum Error {
         source: io::Error,
     },
 
+    /// No device of that name (control socket).
+    #[error("no device named {0:?}")]
+    NoSuchDevice(String),
+
     // --- starting a server ---------------------------------------------
     /// Another server is listening on the socket path.
     #[error("{0} is in use by a running server; stop it or choose another socket path")]
@@ -216,6 +220,7 @@ impl Error {
             Error::PathTooLong(_) => libc::ENAMETOOLONG,
             Error::BadListenFd { .. } => libc::ENOTSOCK,
             Error::Config(_) => libc::EINVAL,
+            Error::NoSuchDevice(_) => libc::ENOENT,
         }
     }
 }
@@ -255,6 +260,14 @@ fn io_errno(e: &io::Error) -> i32 {
 
 /// Errors of the device model. Region and interrupt indexes that do not
 /// exist, and accesses outside a region, are EINVAL as in Linux VFIO.
+///
+/// Binding a device to an address space fails with one errno per cause,
+/// the ones Linux VFIO gives for the same conditions: no IOMMU for the
+/// device (ENODEV: no IOMMU driver or type), address spaces exhausted
+/// (ENOSPC), an address space of another IOMMU type or page sizes (EPERM,
+/// as VFIO_GROUP_SET_CONTAINER), a device or group already attached
+/// (EBUSY), a device in a bad state such as a group that is not viable
+/// (EIO). A failed host VFIO call passes the kernel's errno through.
 fn device_errno(e: &vdevd_devices::Error) -> i32 {
     use vdevd_devices::Error as D;
     match e {
@@ -265,6 +278,10 @@ fn device_errno(e: &vdevd_devices::Error) -> i32 {
         D::Unsupported(_) => libc::ENOTSUP,
         D::Busy(_) => libc::EBUSY,
         D::BadState(_) => libc::EIO,
+        D::NoIommu(_) => libc::ENODEV,
+        D::AddressSpacesExhausted(_) => libc::ENOSPC,
+        D::IncompatibleAddressSpace(_) => libc::EPERM,
+        D::Vfio { source, .. } => io_errno(source),
         D::Dma(e) => dma_errno(e),
         D::Io(e) => io_errno(e),
     }
@@ -286,6 +303,7 @@ fn dma_errno(e: &DmaError) -> i32 {
         DmaError::Io(e) => io_errno(e),
         DmaError::Message(_) => libc::EIO,
         DmaError::WouldDeadlock { .. } => libc::EDEADLK,
+        DmaError::Mirror { source, .. } => io_errno(source),
     }
 }
 
@@ -339,6 +357,14 @@ mod tests {
                 DmaError::Mmap(io::Error::from_raw_os_error(libc::EACCES)),
                 libc::EACCES,
             ),
+            (
+                DmaError::Mirror {
+                    iova: 0,
+                    size: 1,
+                    source: io::Error::from_raw_os_error(libc::ENOSPC),
+                },
+                libc::ENOSPC,
+            ),
         ];
         for (e, errno) in cases {
             let text = e.to_string();
@@ -372,6 +398,16 @@ mod tests {
             (D::Unsupported("x".into()), libc::ENOTSUP),
             (D::Busy("x".into()), libc::EBUSY),
             (D::BadState("x".into()), libc::EIO),
+            (D::NoIommu("x".into()), libc::ENODEV),
+            (D::AddressSpacesExhausted("x".into()), libc::ENOSPC),
+            (D::IncompatibleAddressSpace("x".into()), libc::EPERM),
+            (
+                D::Vfio {
+                    what: "x".into(),
+                    source: io::Error::from_raw_os_error(libc::ENXIO),
+                },
+                libc::ENXIO,
+            ),
             (D::Dma(DmaError::Overlap { iova: 0, size: 1 }), libc::EEXIST),
             (
                 D::Io(io::Error::from_raw_os_error(libc::ENOSPC)),

@@ -31,8 +31,11 @@
 //! every error reply), [`options`], [`cli`], [`kinds`] (device types),
 //! [`daemon`] (the process and its signals).
 
+pub mod aspace;
 pub mod cli;
+pub mod ctl;
 pub mod daemon;
+pub mod devset;
 pub mod error;
 pub mod kinds;
 pub mod listener;

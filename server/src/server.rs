@@ -21,16 +21,21 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::mpsc;
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use vdevd_devices::Device;
 use vdevd_devices::dma::{DmaLimits, DmaSpace};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
+use crate::aspace::SharedMember;
+use crate::devset::{DeviceSet, DeviceSets, Users};
 use crate::error::Error;
 use crate::listener::Listener;
+use crate::messenger::Messenger;
+use crate::migration::Migration;
 use crate::options::ServerOptions;
 use crate::record::Recorder;
 use crate::session::{self, DeviceState, Flow, Session};
@@ -39,6 +44,7 @@ use crate::wire::{Fill, OutMessage, Reader, Stats, Writer};
 const TOKEN_LISTENER: u64 = 1;
 const TOKEN_DMA: u64 = 2;
 const TOKEN_STOP: u64 = 3;
+const TOKEN_CTL: u64 = 5;
 /// Client tokens carry the connection number above this bit, so that
 /// events of a connection that just ended are not taken for its successor.
 const TOKEN_CLIENT: u64 = 4;
@@ -54,6 +60,101 @@ pub fn dma_space(options: &ServerOptions) -> Arc<DmaSpace> {
     }))
 }
 
+/// Where a device sits among the others of the process.
+#[derive(Debug)]
+pub struct Placement {
+    /// Its device set.
+    pub set: Arc<DeviceSet>,
+    /// Its name (logs, control socket).
+    pub name: String,
+    /// The shared address space it uses, if any (its DMA space must be the
+    /// shared one).
+    pub shared: Option<SharedMember>,
+}
+
+/// What an external user (see [`crate::ctl`]) asks of a device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CtlOp {
+    /// Take a reference: the device is opened if it is not, and stays open
+    /// until the reference is dropped.
+    AddRef,
+    /// Drop a reference taken with [`CtlOp::AddRef`].
+    DelRef,
+    /// Only report the status.
+    Status,
+}
+
+/// A device's users and open state, as reported to external users.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct DeviceStatus {
+    /// The device's name in the control socket.
+    pub name: String,
+    /// Its device set.
+    pub device_set: String,
+    /// Whether the device is open.
+    pub open: bool,
+    /// Users: the client session (if it negotiated) and external references.
+    pub users: usize,
+    /// External references.
+    pub external_refs: usize,
+    /// A client session is connected and negotiated.
+    pub client: bool,
+    /// Times the device was opened (first user came).
+    pub opens: u64,
+    /// Times the device was closed (last user left).
+    pub closes: u64,
+}
+
+struct CtlRequest {
+    op: CtlOp,
+    holder: String,
+    reply: mpsc::Sender<Result<DeviceStatus, Error>>,
+}
+
+/// How long an external user waits for the device thread (which may be
+/// opening a real device).
+const CTL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Sends external users' requests to a device thread.
+#[derive(Clone, Debug)]
+pub struct DeviceHandle {
+    name: String,
+    tx: mpsc::Sender<CtlRequest>,
+    wake: Arc<EventFd>,
+}
+
+impl DeviceHandle {
+    /// The device's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Ask the device thread to apply `op` for `holder` (for logs) and
+    /// return the device's status afterwards.
+    pub fn request(&self, op: CtlOp, holder: &str) -> Result<DeviceStatus, Error> {
+        let (reply, rx) = mpsc::channel();
+        let gone = || Error::InvalidState(format!("device {} is not served any more", self.name));
+        self.tx
+            .send(CtlRequest {
+                op,
+                holder: holder.to_string(),
+                reply,
+            })
+            .map_err(|_| gone())?;
+        self.wake
+            .write(1)
+            .map_err(|e| Error::io("eventfd write", e))?;
+        match rx.recv_timeout(CTL_TIMEOUT) {
+            Ok(r) => r,
+            Err(mpsc::RecvTimeoutError::Timeout) => Err(Error::io(
+                format!("device {} did not answer", self.name),
+                std::io::Error::from_raw_os_error(libc::ETIMEDOUT),
+            )),
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err(gone()),
+        }
+    }
+}
+
 /// A running device server. Dropping it stops it.
 #[derive(Debug)]
 pub struct DeviceServer {
@@ -61,6 +162,7 @@ pub struct DeviceServer {
     path: Option<PathBuf>,
     stop: Arc<EventFd>,
     stats: Arc<Stats>,
+    handle: DeviceHandle,
     thread: Option<JoinHandle<Result<(), Error>>>,
 }
 
@@ -75,11 +177,41 @@ impl DeviceServer {
         options: ServerOptions,
         exited: Option<Arc<EventFd>>,
     ) -> Result<DeviceServer, Error> {
-        options.validate()?;
         let name = device.name().to_string();
+        let placement = Placement {
+            set: DeviceSets::new().join(&format!("solo:{name}")),
+            name,
+            shared: None,
+        };
+        DeviceServer::start_in_set(listener, dma, device, options, exited, placement)
+    }
+
+    /// [`DeviceServer::start`], with the device's name, device set and
+    /// shared address space given by `placement`.
+    pub fn start_in_set(
+        listener: Listener,
+        dma: Arc<DmaSpace>,
+        device: Box<dyn Device>,
+        options: ServerOptions,
+        exited: Option<Arc<EventFd>>,
+        placement: Placement,
+    ) -> Result<DeviceServer, Error> {
+        options.validate()?;
+        let Placement { set, name, shared } = placement;
+        if let Some(sh) = &shared {
+            if !Arc::ptr_eq(sh.space.dma(), &dma) {
+                return Err(Error::InvalidArgument(
+                    "the device was not built on its shared address space".into(),
+                ));
+            }
+        }
+        let ctl_wake = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| Error::io("eventfd", e))?);
+        let (ctl_tx, ctl_rx) = mpsc::channel();
         let path = listener.path().map(Path::to_path_buf);
         let stop = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| Error::io("eventfd", e))?);
         let stats = Arc::new(Stats::default());
+        let messenger =
+            Arc::new(Messenger::new(options.dma_timeout).map_err(|e| Error::io("eventfd", e))?);
         let epoll = Epoll::new().map_err(|e| Error::io("epoll_create", e))?;
         let mut thread = DeviceThread {
             epoll,
@@ -87,11 +219,25 @@ impl DeviceServer {
             listening: false,
             stop: stop.clone(),
             stats: stats.clone(),
-            dev: DeviceState::new(device, dma, options)?,
+            dev: DeviceState {
+                device,
+                dma,
+                messenger,
+                options,
+                migration: Migration::default(),
+                users: Users::new(set, &name),
+                client_user: false,
+                external_refs: 0,
+                shared,
+            },
             client: None,
             connections: 0,
+            ctl_wake: ctl_wake.clone(),
+            ctl_rx,
+            name: name.clone(),
         };
         thread.register(thread.stop.as_raw_fd(), TOKEN_STOP, EventSet::IN)?;
+        thread.register(thread.ctl_wake.as_raw_fd(), TOKEN_CTL, EventSet::IN)?;
         thread.register(thread.dev.messenger.wake_fd(), TOKEN_DMA, EventSet::IN)?;
         thread.listen(true)?;
         let recording = std::env::var_os(crate::record::RECORD_DIR_ENV).is_some();
@@ -113,6 +259,11 @@ impl DeviceServer {
             })
             .map_err(|e| Error::io("spawn device thread", e))?;
         Ok(DeviceServer {
+            handle: DeviceHandle {
+                name: name.clone(),
+                tx: ctl_tx,
+                wake: ctl_wake,
+            },
             name,
             path,
             stop,
@@ -137,6 +288,11 @@ impl DeviceServer {
     /// The device's name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// A handle for external users' requests.
+    pub fn handle(&self) -> DeviceHandle {
+        self.handle.clone()
     }
 
     /// The socket path, if the server bound one.
@@ -205,6 +361,9 @@ struct DeviceThread {
     dev: DeviceState,
     client: Option<Client>,
     connections: u64,
+    ctl_wake: Arc<EventFd>,
+    ctl_rx: mpsc::Receiver<CtlRequest>,
+    name: String,
 }
 
 /// The most bytes of unsent output a connection may hold, for a largest
@@ -299,13 +458,23 @@ impl DeviceThread {
     fn run(&mut self) -> Result<(), Error> {
         // Message-backed DMA from this thread would wait for a reply only
         // this thread can process: DmaSpace refuses it instead.
-        self.dev.dma.set_messenger(
-            Some(self.dev.messenger.clone()),
-            Some(std::thread::current().id()),
-        );
+        // A shared space takes only file-backed grants: no messenger (it
+        // would be the last device thread's).
+        if self.dev.shared.is_none() {
+            self.dev.dma.set_messenger(
+                Some(self.dev.messenger.clone()),
+                Some(std::thread::current().id()),
+            );
+        }
         let result = self.event_loop();
         self.end_client("the server is stopping");
-        self.dev.dma.set_messenger(None, None);
+        while self.dev.external_refs > 0 {
+            self.dev.external_refs -= 1;
+            self.dev.drop_user("external user (the server is stopping)");
+        }
+        if self.dev.shared.is_none() {
+            self.dev.dma.set_messenger(None, None);
+        }
         result
     }
 
@@ -331,6 +500,7 @@ impl DeviceThread {
                     TOKEN_STOP => return Ok(()),
                     TOKEN_LISTENER => self.accept()?,
                     TOKEN_DMA => self.pump_dma(),
+                    TOKEN_CTL => self.control(),
                     t if self.client.as_ref().is_some_and(|c| c.token == t) => {
                         if set.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR) {
                             self.readable();
@@ -348,6 +518,61 @@ impl DeviceThread {
                     self.end_client(&e.to_string());
                 }
             }
+        }
+    }
+
+    /// Serve external users' requests.
+    fn control(&mut self) {
+        let _ = self.ctl_wake.read();
+        while let Ok(req) = self.ctl_rx.try_recv() {
+            let result = self.apply(req.op, &req.holder).map(|()| self.status());
+            let _ = req.reply.send(result);
+        }
+    }
+
+    fn apply(&mut self, op: CtlOp, holder: &str) -> Result<(), Error> {
+        let who = format!("external user {holder}");
+        match op {
+            CtlOp::AddRef => {
+                self.dev.add_user(&who)?;
+                self.dev.external_refs += 1;
+                log::info!(
+                    "{}: {who} took a reference ({} now)",
+                    self.name,
+                    self.dev.external_refs
+                );
+            }
+            CtlOp::DelRef => {
+                if self.dev.external_refs == 0 {
+                    return Err(Error::InvalidState(format!(
+                        "{} has no external reference to drop",
+                        self.name
+                    )));
+                }
+                self.dev.external_refs -= 1;
+                log::info!(
+                    "{}: {who} dropped a reference ({} left)",
+                    self.name,
+                    self.dev.external_refs
+                );
+                self.dev.drop_user(&who);
+            }
+            CtlOp::Status => {}
+        }
+        Ok(())
+    }
+
+    fn status(&self) -> DeviceStatus {
+        let (opens, closes) = self.dev.users.opens_closes();
+        DeviceStatus {
+            name: self.name.clone(),
+            device_set: self.dev.users.set().name().to_string(),
+            open: self.dev.users.is_open(),
+            users: self.dev.users.count(),
+            external_refs: self.dev.external_refs,
+            client: self.dev.client_user,
+            opens,
+            closes,
         }
     }
 

@@ -21,6 +21,8 @@ use vdevd_protocol as proto;
 use vdevd_protocol::vfio;
 use vdevd_protocol::{Command, Fit, HEADER_SIZE, Header, MessageKind, Request};
 
+use crate::aspace::SharedMember;
+use crate::devset::Users;
 use crate::error::Error;
 use crate::messenger::{DmaOp, DmaReply, DmaRequest, Messenger, ReplyMismatch};
 use crate::migration::Migration;
@@ -55,16 +57,48 @@ pub struct DeviceState {
     pub options: ServerOptions,
     /// Migration state.
     pub migration: Migration,
-    /// `Device::open` was called and `close` not yet.
-    pub opened: bool,
-    /// References held by users other than the client session (for the
-    /// external-reference mechanism). While non-zero, a client that leaves
+    /// The device's users (its client session, external references) and
+    /// its device set: the first user opens the device, the last closes
+    /// it, under the set lock (see [`crate::devset`]).
+    pub users: Users,
+    /// The client session is one of the users (it negotiated VERSION and
+    /// has not ended).
+    pub client_user: bool,
+    /// References held by users other than the client session (external
+    /// users, see [`crate::ctl`]). While non-zero, a client that leaves
     /// disconnects the device instead of closing it.
     pub external_refs: usize,
+    /// The address space is shared with other devices (see
+    /// [`crate::aspace`]): grants go through it, counted per device.
+    pub shared: Option<SharedMember>,
 }
 
 impl DeviceState {
-    /// The state of `device`, built on `dma`, before any client.
+    /// A new user `who` of the device: the first one opens it.
+    pub fn add_user(&mut self, who: &str) -> Result<(), Error> {
+        let DeviceState { users, device, .. } = self;
+        users.get(who, || device.open().map_err(Error::from))
+    }
+
+    /// User `who` is gone: the last one closes the device (and migration
+    /// returns to RUNNING).
+    pub fn drop_user(&mut self, who: &str) {
+        let DeviceState {
+            users,
+            device,
+            migration,
+            ..
+        } = self;
+        users.put(who, || {
+            device.close();
+            migration.reset();
+        });
+    }
+}
+
+impl DeviceState {
+    /// The state of `device`, built on `dma`, before any client, alone in
+    /// its device set and address space (what the fuzz targets serve).
     pub fn new(
         device: Box<dyn Device>,
         dma: Arc<DmaSpace>,
@@ -72,14 +106,18 @@ impl DeviceState {
     ) -> Result<DeviceState, Error> {
         let messenger =
             Arc::new(Messenger::new(options.dma_timeout).map_err(|e| Error::io("eventfd", e))?);
+        let name = device.name().to_string();
+        let set = crate::devset::DeviceSets::new().join(&format!("solo:{name}"));
         Ok(DeviceState {
             device,
             dma,
             messenger,
             options,
             migration: Migration::default(),
-            opened: false,
+            users: Users::new(set, &name),
+            client_user: false,
             external_refs: 0,
+            shared: None,
         })
     }
 }
@@ -638,7 +676,8 @@ impl Session {
                 Ok(r)
             }
             Request::DeviceReset => {
-                dev.device.reset()?;
+                let DeviceState { users, device, .. } = &mut *dev;
+                users.set().locked(|| device.reset())?;
                 dev.migration.reset();
                 Ok(Reply::new())
             }
@@ -726,9 +765,9 @@ impl Session {
             max_bytes: o.max_dma_bytes,
             page_size,
         });
-        if !dev.opened {
-            dev.device.open()?;
-            dev.opened = true;
+        if !dev.client_user {
+            dev.add_user("client")?;
+            dev.client_user = true;
         }
         dev.messenger.connect(dma_chunk);
         self.negotiated = Some(negotiated);
@@ -760,7 +799,7 @@ impl Session {
             ));
         }
         let file = fds.pop().map(|fd| (File::from(fd), m.offset));
-        let range = dev.dma.map(MapRequest {
+        let req = MapRequest {
             iova: m.address,
             size: m.size,
             prot: Prot {
@@ -768,11 +807,34 @@ impl Session {
                 write: m.write,
             },
             file,
-        })?;
+        };
+        let range = match &dev.shared {
+            None => dev.dma.map(req)?,
+            Some(sh) => {
+                let id = match &req.file {
+                    Some((f, off)) => {
+                        use std::os::unix::fs::MetadataExt;
+                        let meta = f
+                            .metadata()
+                            .map_err(|e| Error::io("fstat of a DMA_MAP descriptor", e))?;
+                        Some((meta.dev(), meta.ino(), *off))
+                    }
+                    None => None,
+                };
+                sh.space.map(sh.holder, req, id)?
+            }
+        };
         if let Err(e) = dev.device.dma_map(&range) {
             // Undo: the device refused the range, so the client must not
             // believe it mapped.
-            let _ = dev.dma.unmap(range.iova, range.size);
+            match &dev.shared {
+                None => {
+                    let _ = dev.dma.unmap(range.iova, range.size);
+                }
+                Some(sh) => {
+                    let _ = sh.space.unmap(sh.holder, range.iova, range.size);
+                }
+            }
             return Err(e.into());
         }
         log::debug!(
@@ -807,8 +869,28 @@ impl Session {
                 )?;
                 let messenger = dev.messenger.clone();
                 let _fence = messenger.fence(range.iova, range.size);
-                dev.device.dma_unmap(&range);
-                dev.dma.unmap(range.iova, range.size)?;
+                match &dev.shared {
+                    None => {
+                        dev.device.dma_unmap(&range);
+                        dev.dma.unmap(range.iova, range.size)?;
+                    }
+                    Some(sh) => {
+                        if !sh.held_by_me(&range) {
+                            return Err(vdevd_devices::dma::DmaError::NotFound {
+                                iova: u.address,
+                                size: u.size,
+                            }
+                            .into());
+                        }
+                        dev.device.dma_unmap(&range);
+                        sh.space.unmap(sh.holder, range.iova, range.size)?;
+                    }
+                }
+            }
+            proto::UnmapKind::DirtyBitmap { .. } if dev.shared.is_some() => {
+                return Err(Error::NotSupported(
+                    "dirty page logging of a shared address space".into(),
+                ));
             }
             proto::UnmapKind::DirtyBitmap { pgsize, size } => {
                 if !dev.dma.dirty_logging() {
@@ -1084,6 +1166,11 @@ impl Session {
             F::DmaLoggingStart(start) => {
                 let ranges: Vec<(u64, u64)> =
                     start.ranges.iter().map(|r| (r.iova, r.length)).collect();
+                if dev.shared.is_some() {
+                    return Err(Error::NotSupported(
+                        "dirty page logging of a shared address space".into(),
+                    ));
+                }
                 check_dirty_log(dev, start.page_size, &ranges)?;
                 dev.dma.start_dirty_logging(start.page_size, &ranges)?;
                 proto::FeatureReply::DmaLoggingStart(start.clone())
@@ -1129,19 +1216,31 @@ impl Session {
         if dev.dma.dirty_logging() {
             let _ = dev.dma.stop_dirty_logging();
         }
-        if dev.opened {
-            if dev.external_refs > 0 {
+        if dev.client_user {
+            dev.client_user = false;
+            if dev.users.count() > 1 {
+                log::info!(
+                    "{}: client gone, device kept open for {} external reference(s)",
+                    dev.device.name(),
+                    dev.external_refs
+                );
                 dev.device.disconnect();
-            } else {
-                dev.device.close();
-                dev.opened = false;
-                dev.migration.reset();
             }
+            dev.drop_user("client");
         }
     }
 }
 
 fn unmap_all(dev: &mut DeviceState) {
+    if let Some(sh) = dev.shared.clone() {
+        for range in sh.space.held_by(sh.holder) {
+            dev.device.dma_unmap(&range);
+            if let Err(e) = sh.space.unmap(sh.holder, range.iova, range.size) {
+                log::warn!("address space {}: {e}", sh.space.name());
+            }
+        }
+        return;
+    }
     for range in dev.dma.ranges() {
         dev.device.dma_unmap(&range);
     }

@@ -93,6 +93,8 @@ mod fake {
         pub live_ranges: usize,
         pub loaded: Option<Vec<u8>>,
         pub stopped: bool,
+        /// Make `open` fail (a device in a bad state).
+        pub fail_open: bool,
     }
 
     /// BAR0: 4 KiB read/write, mmappable at [0x800, 0x1000) from a memfd;
@@ -336,7 +338,11 @@ mod fake {
             l.live_ranges -= 1;
         }
         fn open(&mut self) -> Result<(), DevError> {
-            self.log.lock().unwrap().opens += 1;
+            let mut l = self.log.lock().unwrap();
+            if l.fail_open {
+                return Err(DevError::BadState("the fake cannot open".into()));
+            }
+            l.opens += 1;
             Ok(())
         }
         fn close(&mut self) {

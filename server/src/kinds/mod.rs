@@ -16,6 +16,7 @@ use crate::cli::SocketArgs;
 use crate::error::Error;
 
 pub mod nvme;
+pub mod passthrough;
 pub mod sample;
 
 /// A device type: its name, its options and how to build it.
@@ -57,6 +58,16 @@ Examples:
   vdevd sample --socket /run/vdevd/sample0.sock --msix-vectors 8 --buffer-size 1048576
   vdevd sample --fd 3        # a listening socket inherited from the parent";
 
+const PASSTHROUGH_EXAMPLES: &str = "\
+Examples:
+  Re-export the host device 0000:01:00.0 (bound to vfio-pci):
+    vdevd passthrough --socket /run/vdevd/nic0.sock --device 0000:01:00.0
+  The same over the device cdev and /dev/iommu:
+    vdevd passthrough --socket /run/vdevd/nic0.sock --device 01:00.0 --iommu iommufd
+
+vdevd pins the client's memory for the IOMMU: give it RLIMIT_MEMLOCK of at
+least the guest's RAM (or CAP_IPC_LOCK).";
+
 const NVME_EXAMPLES: &str = "\
 Examples:
   vdevd nvme --socket /run/vdevd/nvme0.sock                  # 1 GiB in memory
@@ -70,6 +81,10 @@ pub enum DeviceCommand {
     /// MSI-X/MSI/INTx (vendor 1234, device 5344)
     #[command(after_long_help = SAMPLE_EXAMPLES)]
     Sample(DeviceArgs<sample::SampleOptions>),
+    /// A host PCI device bound to vfio-pci, re-exported over vfio-user (the
+    /// VMM needs no access to /dev/vfio)
+    #[command(after_long_help = PASSTHROUGH_EXAMPLES)]
+    Passthrough(DeviceArgs<passthrough::PassthroughArgs>),
     /// An NVMe controller with one namespace on a raw image or in memory
     /// (class 010802; the guest's nvme driver binds to it)
     #[command(after_long_help = NVME_EXAMPLES)]
@@ -88,6 +103,11 @@ impl DeviceCommand {
                 a.socket,
                 builder::<sample::Sample>(a.options),
             ),
+            DeviceCommand::Passthrough(a) => (
+                passthrough::Passthrough::NAME,
+                a.socket,
+                builder::<passthrough::Passthrough>(a.options),
+            ),
             DeviceCommand::Nvme(a) => {
                 (nvme::Nvme::NAME, a.socket, builder::<nvme::Nvme>(a.options))
             }
@@ -105,6 +125,7 @@ impl DeviceCommand {
 pub fn names() -> Vec<&'static str> {
     vec![
         sample::Sample::NAME,
+        passthrough::Passthrough::NAME,
         nvme::Nvme::NAME,
         #[cfg(test)]
         tests::Fake::NAME,
@@ -123,6 +144,9 @@ fn parse<T: DeviceType>(table: toml::Table) -> Result<Builder, Error> {
 pub fn from_table(kind: &str, table: toml::Table) -> Result<Builder, Error> {
     if kind == sample::Sample::NAME {
         return parse::<sample::Sample>(table);
+    }
+    if kind == passthrough::Passthrough::NAME {
+        return parse::<passthrough::Passthrough>(table);
     }
     if kind == nvme::Nvme::NAME {
         return parse::<nvme::Nvme>(table);

@@ -295,6 +295,7 @@ e2e_probe_kvm() { # runs in a subshell of its own
 # Boots the guest kernel with /init running phase PHASE of guest/SCRIPT,
 # after `modprobe` of MODULES; KEY=VALUE pairs land in /e2e/config.
 # Extra files for the guest: E2E_VM_FILES="src:dst ..." (copied into the overlay).
+# Another kernel than Debian's: E2E_VM_KERNEL=/path/to/bzImage.
 e2e_vm_start() {
     local name=$1 script=$2 phase=$3 modules=$4 profile=$5 mem=$6 dir base kernel accel kv
     shift 6
@@ -303,7 +304,9 @@ e2e_vm_start() {
     mkdir -p "$dir/overlay/e2e"
     E2E_LOG[$name]=$dir
     base=$(e2e_base_image "$profile") || return 1
-    kernel=$(e2e_kernel_image) || e2e_die "no guest kernel (run tests/e2e/provision)"
+    # E2E_VM_KERNEL: another guest kernel (e.g. tests/e2e/kernel's iommufd one).
+    kernel=${E2E_VM_KERNEL:-}
+    [ -n "$kernel" ] || kernel=$(e2e_kernel_image) || e2e_die "no guest kernel (run tests/e2e/provision)"
     install -m 0755 "$E2E_DIR/guest/init" "$dir/overlay/init"
     cp "$E2E_DIR/guest/lib.sh" "$E2E_DIR/guest/$script" "$dir/overlay/e2e/"
     {
