@@ -328,18 +328,22 @@ fn a_thousand_clients_cut_off_after_every_kind_of_message() {
     assert_eq!(c.region_read(BAR2, 0, 11).expect("read"), b"still alive");
 }
 
-/// Spawn `vdevd --config` serving two sample devices; returns the child
-/// and their sockets once both listen.
+/// Spawn `vdevd --config` serving two sample devices with a control
+/// socket `ctl.sock`; returns the child and the device sockets once they
+/// listen.
 fn two_devices(dir: &Path) -> (Child, PathBuf, PathBuf) {
     let a = dir.join("a.sock");
     let b = dir.join("b.sock");
+    let ctl = dir.join("ctl.sock");
     let config = dir.join("two.toml");
     std::fs::write(
         &config,
         format!(
-            "[server]\nhandshake_timeout_ms = 60000\n\n\
+            "ctl_socket = \"{}\"\n\n\
+             [server]\nhandshake_timeout_ms = 60000\n\n\
              [[device]]\ntype = \"sample\"\nsocket = \"{}\"\n\n\
              [[device]]\ntype = \"sample\"\nsocket = \"{}\"\n",
+            ctl.display(),
             a.display(),
             b.display()
         ),
@@ -356,7 +360,7 @@ fn two_devices(dir: &Path) -> (Child, PathBuf, PathBuf) {
         .spawn()
         .expect("spawn vdevd");
     let deadline = Instant::now() + EVENT_TIMEOUT;
-    while !(a.exists() && b.exists()) {
+    while !(a.exists() && b.exists() && ctl.exists()) {
         assert!(Instant::now() < deadline, "vdevd did not listen");
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -364,7 +368,7 @@ fn two_devices(dir: &Path) -> (Child, PathBuf, PathBuf) {
 }
 
 #[test]
-fn a_stalled_half_message_holds_up_no_other_device_nor_shutdown() {
+fn a_stalled_half_message_holds_up_no_other_device_nor_the_control_socket() {
     let dir = vdevd_tests::TempDir::new("stall").expect("tempdir");
     let (mut child, a, b) = two_devices(dir.path());
     // Device A: negotiated, then half of a REGION_READ, and silence.
@@ -391,6 +395,30 @@ fn a_stalled_half_message_holds_up_no_other_device_nor_shutdown() {
     }
     let took = t.elapsed();
     assert!(took < Duration::from_secs(2), "B was slow: {took:?}");
+    // The control socket answers for both devices, A's included, while a
+    // control client of its own stalls mid-line.
+    let ctl = dir.path().join("ctl.sock");
+    let mut half_line = std::os::unix::net::UnixStream::connect(&ctl).expect("connect ctl");
+    std::io::Write::write_all(&mut half_line, b"sta").expect("half a line");
+    let t = Instant::now();
+    let ctl_client = std::os::unix::net::UnixStream::connect(&ctl).expect("connect ctl");
+    ctl_client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    std::io::Write::write_all(&mut &ctl_client, b"status\n").expect("status");
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(&ctl_client), &mut line)
+        .expect("status reply");
+    assert!(line.starts_with("ok ["), "status of all devices: {line}");
+    assert!(
+        line.matches("\"name\"").count() >= 2,
+        "both devices answered: {line}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "the control socket was slow"
+    );
+    drop(half_line);
     // SIGTERM stops the process although A's client never finishes.
     // SAFETY: kill takes no pointers; the child is ours and not reaped.
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
