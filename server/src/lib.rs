@@ -29,7 +29,9 @@
 //! its epoll loop), [`messenger`] (DMA_READ/DMA_WRITE for worker threads),
 //! [`migration`] (the migration state machine), [`error`] (the errno of
 //! every error reply), [`options`], [`cli`], [`kinds`] (device types),
-//! [`daemon`] (the process and its signals).
+//! [`daemon`] (the process and its signals), [`sandbox`] (the device
+//! threads' seccomp filter), [`privileges`] (`--user`), [`record`]
+//! (recording client traffic as fuzzing seeds).
 
 pub mod aspace;
 pub mod cli;
