@@ -1,6 +1,6 @@
 //! A seccomp-bpf filter for the threads that handle client input.
 //!
-//! Each device thread installs [`device_thread_filter`] on itself before
+//! Each device thread installs [`device_thread_filters`] on itself before
 //! it accepts its first client; threads it starts later (device workers
 //! started when a client opens the device) inherit it. The filter allows
 //! what serving a device takes (socket I/O on existing descriptors, epoll,
