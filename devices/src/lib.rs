@@ -11,6 +11,7 @@ pub mod nvme;
 pub mod passthrough;
 pub mod pci;
 pub mod sample;
+pub mod virtio;
 
 pub use device::Device;
 

@@ -13,8 +13,10 @@ use crate::cli::{Plan, SocketSpec};
 use crate::ctl::CtlServer;
 use crate::devset::DeviceSets;
 use crate::error::Error;
+use crate::kinds::Builder;
 use crate::listener::Listener;
 use crate::server::{DeviceServer, Placement, dma_space};
+use crate::vhost_user::VhostUserServer;
 
 /// SIGTERM and SIGINT, blocked in every thread and read from a signalfd.
 struct Signals {
@@ -59,6 +61,29 @@ impl Signals {
     }
 }
 
+fn vhost_user_banner(kind: &str, socket: &SocketSpec, qemu_device: &str, queues: u16) -> String {
+    match socket {
+        SocketSpec::Path(p) => {
+            let path = p.display();
+            format!(
+                "vdevd: serving {kind} over vhost-user on {path}\n  QEMU: \
+                 -chardev socket,id=vdevd0,path={path},reconnect-ms=1000 \
+                 -device {qemu_device},chardev=vdevd0,num-queues={queues}"
+            )
+        }
+        SocketSpec::Fd(fd) => {
+            format!("vdevd: serving {kind} over vhost-user on inherited socket fd {fd}")
+        }
+    }
+}
+
+fn print_banner(text: &str) {
+    log::info!("{}", text.replace('\n', ";"));
+    let mut out = io::stdout().lock();
+    let _ = writeln!(out, "{text}");
+    let _ = out.flush();
+}
+
 fn banner(kind: &str, socket: &SocketSpec) -> String {
     match socket {
         SocketSpec::Path(p) => {
@@ -90,6 +115,11 @@ pub fn run(plan: Plan) -> Result<(), Error> {
         }
         Ok(())
     };
+    // Virtio devices over vhost-user: outside device sets, address spaces
+    // and the control socket, which are vfio-user notions. Started after
+    // the drop, like the others.
+    let mut vhost_pending = Vec::new();
+    let mut vhost: Vec<VhostUserServer> = Vec::new();
     let sets = DeviceSets::new();
     let spaces = SharedSpaces::default();
     struct Opened {
@@ -112,6 +142,19 @@ pub fn run(plan: Plan) -> Result<(), Error> {
             SocketSpec::Fd(fd) => Listener::from_fd(*fd)?,
         };
         give(listener.path())?;
+        let build = match d.build {
+            Builder::VfioUser(build) => build,
+            Builder::VhostUser(b) => {
+                if d.device_set.is_some() || d.address_space.is_some() {
+                    return Err(Error::Config(format!(
+                        "{}: device_set and address_space apply to vfio-user devices only",
+                        d.kind
+                    )));
+                }
+                vhost_pending.push((d.kind, d.socket, listener, b));
+                continue;
+            }
+        };
         let shared = d.address_space.as_deref().map(|a| {
             let space = spaces.get(a, || dma_space(&plan.options));
             SharedMember {
@@ -123,7 +166,7 @@ pub fn run(plan: Plan) -> Result<(), Error> {
             Some(sh) => sh.space.dma().clone(),
             None => dma_space(&plan.options),
         };
-        let device = (d.build)(dma.clone())?;
+        let device = build(dma.clone())?;
         let mut name = d.name.clone().unwrap_or_else(|| device.name().to_string());
         if d.name.is_none() {
             let base = name.clone();
@@ -161,6 +204,11 @@ pub fn run(plan: Plan) -> Result<(), Error> {
     if let Some(c) = &credentials {
         crate::privileges::drop_to(c)?;
     }
+    for (kind, socket, listener, b) in vhost_pending {
+        let server = (b.start)(listener, Some(exited.clone()))?;
+        print_banner(&vhost_user_banner(kind, &socket, b.qemu_device, b.queues));
+        vhost.push(server);
+    }
     let mut servers: Vec<DeviceServer> = Vec::new();
     for o in opened {
         let server = DeviceServer::start_in_set(
@@ -181,11 +229,7 @@ pub fn run(plan: Plan) -> Result<(), Error> {
             o.set_name,
             o.address_space.as_deref().unwrap_or("(its own)")
         );
-        let text = banner(o.kind, &o.socket);
-        log::info!("{}", text.replace('\n', ";"));
-        let mut out = io::stdout().lock();
-        let _ = writeln!(out, "{text}");
-        let _ = out.flush();
+        print_banner(&banner(o.kind, &o.socket));
         servers.push(server);
     }
 
@@ -246,11 +290,29 @@ pub fn run(plan: Plan) -> Result<(), Error> {
                     log::error!("stopping every device: a device server failed");
                     break 'wait;
                 }
+                if let Some(i) = vhost.iter().position(|s| s.is_finished()) {
+                    let s = vhost.swap_remove(i);
+                    let name = s.name().to_string();
+                    result = match s.stop() {
+                        Err(e) => Err(e),
+                        Ok(()) => Err(Error::Config(format!(
+                            "the {name} vhost-user server stopped unexpectedly"
+                        ))),
+                    };
+                    log::error!("stopping every device: a device server failed");
+                    break 'wait;
+                }
             }
         }
     }
     drop(ctl);
     for s in servers {
+        let name = s.name().to_string();
+        if let Err(e) = s.stop() {
+            log::error!("{name}: {e}");
+        }
+    }
+    for s in vhost {
         let name = s.name().to_string();
         if let Err(e) = s.stop() {
             log::error!("{name}: {e}");
@@ -278,7 +340,7 @@ mod tests {
             .map(|p| DevicePlan {
                 kind: "fake",
                 socket: SocketSpec::Path(p.clone()),
-                build: Box::new(|_| Ok(Box::new(FakeDevice::new(false).0))),
+                build: Builder::VfioUser(Box::new(|_| Ok(Box::new(FakeDevice::new(false).0)))),
                 name: None,
                 device_set: None,
                 address_space: None,
@@ -333,7 +395,7 @@ mod tests {
             |i: usize, name: Option<&str>, set: Option<&str>, space: Option<&str>| DevicePlan {
                 kind: "fake",
                 socket: SocketSpec::Path(dir.path().join(format!("d{i}.sock"))),
-                build: Box::new(|_| Ok(Box::new(FakeDevice::new(false).0))),
+                build: Builder::VfioUser(Box::new(|_| Ok(Box::new(FakeDevice::new(false).0)))),
                 name: name.map(str::to_string),
                 device_set: set.map(str::to_string),
                 address_space: space.map(str::to_string),
@@ -433,7 +495,7 @@ mod tests {
                 DevicePlan {
                     kind: "fake",
                     socket: SocketSpec::Path(good.clone()),
-                    build: Box::new(|_| Ok(Box::new(FakeDevice::new(false).0))),
+                    build: Builder::VfioUser(Box::new(|_| Ok(Box::new(FakeDevice::new(false).0)))),
                     name: None,
                     device_set: None,
                     address_space: None,
@@ -441,7 +503,9 @@ mod tests {
                 DevicePlan {
                     kind: "fake",
                     socket: SocketSpec::Path(dir.path().join("bad.sock")),
-                    build: Box::new(|_| Err(Error::Config("no such backing file".into()))),
+                    build: Builder::VfioUser(Box::new(|_| {
+                        Err(Error::Config("no such backing file".into()))
+                    })),
                     name: None,
                     device_set: None,
                     address_space: None,

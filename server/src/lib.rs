@@ -29,9 +29,10 @@
 //! its epoll loop), [`messenger`] (DMA_READ/DMA_WRITE for worker threads),
 //! [`migration`] (the migration state machine), [`error`] (the errno of
 //! every error reply), [`options`], [`cli`], [`kinds`] (device types),
-//! [`daemon`] (the process and its signals), [`sandbox`] (the device
-//! threads' seccomp filter), [`privileges`] (`--user`), [`record`]
-//! (recording client traffic as fuzzing seeds).
+//! [`daemon`] (the process and its signals), [`vhost_user`] (virtio
+//! devices over vhost-user), [`sandbox`] (the device threads' seccomp
+//! filter), [`privileges`] (`--user`), [`record`] (recording client
+//! traffic as fuzzing seeds).
 
 pub mod aspace;
 pub mod cli;
@@ -49,6 +50,7 @@ pub mod record;
 pub mod sandbox;
 pub mod server;
 pub mod session;
+pub mod vhost_user;
 pub mod wire;
 
 #[cfg(test)]

@@ -113,6 +113,10 @@ pub struct NvmeConfig {
     pub doorbells: DoorbellMode,
     /// Polling behaviour of the queue threads.
     pub poll: PollConfig,
+    /// With MSI-X, hold back a completion queue's interrupt while the host
+    /// has not handled the previous one (its handler will see the new
+    /// entries), raising it at the latest before the queue thread sleeps.
+    pub irq_defer: bool,
     /// Serial number (up to 20 ASCII characters).
     pub serial: String,
     /// Model number (up to 40 ASCII characters).
@@ -135,6 +139,7 @@ impl Default for NvmeConfig {
             io_threads: 1,
             doorbells: DoorbellMode::Trap,
             poll: PollConfig::default(),
+            irq_defer: true,
             serial: "VDEVD0001".into(),
             model: "vdevd NVMe controller".into(),
             firmware: env!("CARGO_PKG_VERSION").into(),
@@ -779,14 +784,53 @@ impl IoWorker {
         if work {
             sh.counters.batches.fetch_add(1, Ordering::Relaxed);
         }
-        for cq in self.cqs.iter_mut().flatten() {
-            if cq.notify && cq.ien {
-                sh.counters.interrupts.fetch_add(1, Ordering::Relaxed);
-            }
-            sh.signal_cq(cq);
-        }
+        self.interrupts(&mut g, false);
         g.release();
         work
+    }
+
+    /// Raise the interrupts completions posted call for. With MSI-X and
+    /// `irq_defer`, a CQ whose previous interrupt the host has not yet
+    /// handled (its head has not moved since) gets none now: the handler,
+    /// when it runs, reads every entry posted so far. When the head moves,
+    /// entries left over get their interrupt, and a host that consumed
+    /// them all needs none. `flush` raises every pending one regardless:
+    /// the thread calls it before it sleeps, so nothing waits on a
+    /// sleeping thread.
+    fn interrupts(&mut self, g: &mut Guest<'_>, flush: bool) {
+        let sh = &self.sh;
+        let defer = sh.cfg.irq_defer && sh.irq.msix_enabled();
+        for cq in self.cqs.iter_mut().flatten() {
+            if !(cq.notify && cq.ien) {
+                // Nothing to raise (or interrupts off: publish the tail).
+                sh.signal_cq(cq);
+                continue;
+            }
+            if defer {
+                if let Some(h0) = cq.irq_unacked {
+                    let head = Self::cq_head_now(self.dbbuf, sh, g, cq.qid);
+                    match head {
+                        Some(h) if h == h0 && !flush => continue,
+                        Some(h) if h == cq.tail => {
+                            // The host read everything posted.
+                            cq.irq_unacked = None;
+                            cq.notify = false;
+                            continue;
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            sh.counters.interrupts.fetch_add(1, Ordering::Relaxed);
+            sh.signal_cq(cq);
+            // Only an interrupt with entries behind it holds back the next:
+            // a host already at the tail has nothing left to handle.
+            cq.irq_unacked = if defer {
+                Self::cq_head_now(self.dbbuf, sh, g, cq.qid).filter(|&h| h != cq.tail)
+            } else {
+                None
+            };
+        }
     }
 
     /// Before sleeping with shadow doorbells: ask the host to ring the
@@ -846,6 +890,12 @@ impl IoWorker {
             }
             if self.ctl().is_some_and(|c| c.pending.load(Ordering::SeqCst)) {
                 continue;
+            }
+            if self.cqs.iter().flatten().any(|cq| cq.notify) {
+                let sh = self.sh.clone();
+                let mut g = Guest::new(&sh.dma);
+                self.interrupts(&mut g, true);
+                g.release();
             }
             self.sh.counters.sleeps.fetch_add(1, Ordering::Relaxed);
             idle.sleep(None);

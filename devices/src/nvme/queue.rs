@@ -96,6 +96,9 @@ pub(crate) struct Cq {
     pub notify: bool,
     /// An invalid head value already reported.
     pub bad_head: Option<u32>,
+    /// The host's head when the last interrupt was raised, while the host
+    /// has not moved it since (it has not run its handler yet).
+    pub irq_unacked: Option<u32>,
 }
 
 impl Cq {
@@ -111,6 +114,7 @@ impl Cq {
             ien,
             notify: false,
             bad_head: None,
+            irq_unacked: None,
         }
     }
 

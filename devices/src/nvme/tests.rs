@@ -1634,3 +1634,174 @@ fn counters_account_for_commands_doorbells_and_interrupts() {
         c.summary()
     );
 }
+
+/// The device side alone, without a guest: 4 KiB random reads from an
+/// in-memory disk at queue depth 32, the fake host ringing a trapped
+/// doorbell per command and polling the CQ (sleeping 50 us between looks),
+/// so a lower bound on the ceiling vdevd's own work sets. As a test it runs
+/// briefly and checks every read succeeds and is counted once; as a
+/// measurement, give it time and look at the figure it prints:
+/// `VDEVD_NVME_DEVICE_SIDE_SECS=2 cargo test -p vdevd-devices nvme::tests::device_side -- --nocapture`
+#[test]
+fn device_side_4k_randread_qd32() {
+    let run_for = std::env::var("VDEVD_NVME_DEVICE_SIDE_SECS")
+        .ok()
+        .and_then(|s| s.parse::<f64>().ok())
+        .map_or(Duration::from_millis(300), Duration::from_secs_f64);
+    let blocks = 1u64 << 18; // 128 MiB
+    let mut h = Host::mem_disk(blocks);
+    h.enable();
+    h.io_pair(1, 64);
+    let buf = 0x0100_0000u64;
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let t0 = Instant::now();
+    let mut done = 0u64;
+    while t0.elapsed() < run_for {
+        for i in 0..32u64 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let lba = (x % (blocks / 8)) * 8;
+            let cmd = Command {
+                opcode: io::READ,
+                nsid: 1,
+                dptr1: buf + i * PAGE,
+                cdw10: lba as u32,
+                cdw11: (lba >> 32) as u32,
+                cdw12: 7,
+                ..Command::default()
+            };
+            h.submit(1, cmd);
+        }
+        for _ in 0..32 {
+            assert_eq!(h.wait(1).status, Status::SUCCESS);
+        }
+        done += 32;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let c = h.ctrl.counters();
+    assert_eq!(c.io_commands.load(Ordering::Relaxed), done);
+    println!(
+        "device side: {done} reads in {secs:.2} s = {:.0} IOPS; {}",
+        done as f64 / secs,
+        c.summary()
+    );
+}
+
+/// Wait until CQ `qid` slot `slot` holds an entry of the first pass.
+fn wait_cqe(h: &Host, qid: u16, slot: u64) {
+    let cq = h.pairs[usize::from(qid)].unwrap().cq;
+    let t0 = Instant::now();
+    loop {
+        let mut b = [0u8; 16];
+        h.mem.read_exact_at(&mut b, cq + slot * 16).unwrap();
+        if Completion::decode(&b).1 {
+            return;
+        }
+        assert!(t0.elapsed() < TIMEOUT, "no completion in slot {slot}");
+        std::thread::sleep(Duration::from_micros(100));
+    }
+}
+
+/// Wait for at least one interrupt on `vector`; returns how many and after
+/// how long.
+fn wait_irq(h: &Host, vector: usize) -> (u64, Duration) {
+    let t0 = Instant::now();
+    loop {
+        let n = h.irq.take(vector);
+        if n > 0 {
+            return (n, t0.elapsed());
+        }
+        assert!(t0.elapsed() < TIMEOUT, "no interrupt on vector {vector}");
+        std::thread::sleep(Duration::from_micros(100));
+    }
+}
+
+fn read_cmd(lba: u32) -> Command {
+    Command {
+        opcode: io::READ,
+        nsid: 1,
+        dptr1: 0x100000,
+        cdw10: lba,
+        ..Command::default()
+    }
+}
+
+#[test]
+fn interrupt_held_back_while_the_host_has_not_handled_the_last() {
+    let mut cfg = config();
+    cfg.io_threads = 1;
+    // The queue thread stays awake (no flush before sleeping) throughout.
+    cfg.poll.spin = Duration::from_secs(3);
+    let mut h = Host::new(Arc::new(MemBackend::new(1024 * 512, 512).unwrap()), cfg);
+    h.enable();
+    h.io_pair(1, 16);
+    h.irq.take(1);
+    h.submit(1, read_cmd(0));
+    wait_cqe(&h, 1, 0);
+    assert_eq!(wait_irq(&h, 1).0, 1);
+    // Two more complete while the host has not moved its CQ head: its
+    // handler, still to run, will find them.
+    h.submit(1, read_cmd(1));
+    h.submit(1, read_cmd(2));
+    wait_cqe(&h, 1, 2);
+    std::thread::sleep(Duration::from_millis(30));
+    assert_eq!(h.irq.take(1), 0, "held back");
+    // The host read all three: nothing left for an interrupt.
+    h.w32(reg::DOORBELLS + 8 + 4, 3);
+    std::thread::sleep(Duration::from_millis(30));
+    assert_eq!(h.irq.take(1), 0, "nothing left to signal");
+    // The next completion interrupts at once.
+    h.submit(1, read_cmd(3));
+    wait_cqe(&h, 1, 3);
+    let (n, after) = wait_irq(&h, 1);
+    assert_eq!(n, 1);
+    assert!(after < Duration::from_secs(1), "{after:?}");
+    // The host consumed only part: the rest gets its interrupt when the
+    // head moves.
+    h.submit(1, read_cmd(4));
+    h.submit(1, read_cmd(5));
+    wait_cqe(&h, 1, 5);
+    std::thread::sleep(Duration::from_millis(30));
+    assert_eq!(h.irq.take(1), 0, "held back");
+    h.w32(reg::DOORBELLS + 8 + 4, 5);
+    let (n, after) = wait_irq(&h, 1);
+    assert_eq!(n, 1);
+    assert!(after < Duration::from_secs(1), "{after:?}");
+}
+
+#[test]
+fn held_back_interrupt_is_raised_before_the_queue_thread_sleeps() {
+    let mut cfg = config();
+    cfg.io_threads = 1;
+    cfg.poll.spin = Duration::ZERO;
+    let mut h = Host::new(Arc::new(MemBackend::new(1024 * 512, 512).unwrap()), cfg);
+    h.enable();
+    h.io_pair(1, 16);
+    h.irq.take(1);
+    h.submit(1, read_cmd(0));
+    wait_cqe(&h, 1, 0);
+    assert_eq!(wait_irq(&h, 1).0, 1);
+    // The host never handles it; the next completion still interrupts.
+    h.submit(1, read_cmd(1));
+    wait_cqe(&h, 1, 1);
+    wait_irq(&h, 1);
+}
+
+#[test]
+fn without_irq_defer_every_batch_interrupts() {
+    let mut cfg = config();
+    cfg.io_threads = 1;
+    cfg.irq_defer = false;
+    cfg.poll.spin = Duration::from_secs(3);
+    let mut h = Host::new(Arc::new(MemBackend::new(1024 * 512, 512).unwrap()), cfg);
+    h.enable();
+    h.io_pair(1, 16);
+    h.irq.take(1);
+    h.submit(1, read_cmd(0));
+    wait_cqe(&h, 1, 0);
+    assert_eq!(wait_irq(&h, 1).0, 1);
+    h.submit(1, read_cmd(1));
+    wait_cqe(&h, 1, 1);
+    wait_irq(&h, 1);
+}

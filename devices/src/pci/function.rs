@@ -1,6 +1,7 @@
 //! The [`PciFunction`] trait a device model implements, and [`PciDevice`],
 //! which wraps one into a [`Device`] the server can serve.
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use crate::Error;
@@ -69,8 +70,18 @@ pub trait PciFunction: Send {
     fn command_changed(&mut self, _command: u16) {}
 
     /// The guest wrote vendor capability `index` of the layout; `data` is
-    /// its current contents after the 3-byte header.
-    fn vendor_capability_written(&mut self, _index: usize, _data: &[u8]) {}
+    /// its current contents after the 3-byte header and `written` the
+    /// bytes of `data` the write covered (empty if it touched only the
+    /// header).
+    fn vendor_capability_written(&mut self, _index: usize, _written: Range<usize>, _data: &[u8]) {}
+
+    /// The guest reads vendor capability `index` of the layout: `data`
+    /// holds the stored bytes `offset..offset + data.len()` of the
+    /// capability (counted after its 3-byte header, like
+    /// [`super::VendorCapability::data`]) and the function may replace
+    /// them. Virtio's PCI configuration access capability, a window onto a
+    /// BAR, needs this.
+    fn vendor_capability_read(&mut self, _index: usize, _offset: usize, _data: &mut [u8]) {}
 
     /// The first user opened the device.
     fn open(&mut self) -> Result<(), Error> {
@@ -248,7 +259,35 @@ impl<F: PciFunction> PciDevice<F> {
         r
     }
 
-    fn after_config_write(&mut self, fx: WriteEffects) {
+    /// The part of `[offset, offset + len)` that falls in the data of a
+    /// vendor capability at `cap` of `cap_len` bytes (header included),
+    /// relative to that data.
+    fn vendor_overlap(offset: usize, len: usize, cap: usize, cap_len: usize) -> Range<usize> {
+        let data = cap + 3;
+        let start = offset.max(data);
+        let end = (offset + len).min(cap + cap_len);
+        if start < end {
+            start - data..end - data
+        } else {
+            0..0
+        }
+    }
+
+    fn vendor_read(&mut self, offset: usize, data: &mut [u8]) {
+        let caps = self.config.caps().vendor.clone();
+        for (i, (cap, cap_len)) in caps.into_iter().enumerate() {
+            let r = Self::vendor_overlap(offset, data.len(), cap, cap_len);
+            if r.is_empty() {
+                continue;
+            }
+            let at = cap + 3 + r.start - offset;
+            if let Some(buf) = data.get_mut(at..at + r.len()) {
+                self.function.vendor_capability_read(i, r.start, buf);
+            }
+        }
+    }
+
+    fn after_config_write(&mut self, fx: WriteEffects, offset: usize, len: usize) {
         if fx.flr && self.layout.reset {
             if let Err(e) = self.reset_all("function level reset") {
                 log::warn!("{}: FLR failed: {e}", self.function.name());
@@ -271,9 +310,14 @@ impl<F: PciFunction> PciDevice<F> {
             self.notify_command();
         }
         for i in fx.vendor {
-            if let Some(&(off, len)) = self.config.caps().vendor.get(i) {
-                let data = self.config.image().get(off + 3..off + len).unwrap_or(&[]);
-                self.function.vendor_capability_written(i, data);
+            if let Some(&(cap, cap_len)) = self.config.caps().vendor.get(i) {
+                let written = Self::vendor_overlap(offset, len, cap, cap_len);
+                let data = self
+                    .config
+                    .image()
+                    .get(cap + 3..cap + cap_len)
+                    .unwrap_or(&[]);
+                self.function.vendor_capability_written(i, written, data);
             }
         }
     }
@@ -479,6 +523,7 @@ impl<F: PciFunction> Device for PciDevice<F> {
             CONFIG_REGION => {
                 let off = config::check(offset, data.len())?;
                 self.config.read(off, data, self.irqs.dynamic());
+                self.vendor_read(off, data);
                 Ok(())
             }
             VGA_REGION => check_range(index, offset, data.len(), 0).map(|_| ()),
@@ -499,7 +544,7 @@ impl<F: PciFunction> Device for PciDevice<F> {
             CONFIG_REGION => {
                 let off = config::check(offset, data.len())?;
                 let fx = self.config.write(off, data);
-                self.after_config_write(fx);
+                self.after_config_write(fx, off, data.len());
                 Ok(())
             }
             VGA_REGION => check_range(index, offset, data.len(), 0).map(|_| ()),

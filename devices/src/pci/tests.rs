@@ -40,7 +40,8 @@ struct Log {
     writes: Vec<(u8, u64, Vec<u8>)>,
     resets: u32,
     commands: Vec<u16>,
-    vendor: Vec<(usize, Vec<u8>)>,
+    vendor: Vec<(usize, std::ops::Range<usize>, Vec<u8>)>,
+    vendor_reads: u32,
     opened: u32,
     closed: u32,
     disconnected: u32,
@@ -124,8 +125,26 @@ impl PciFunction for Fake {
         self.log.lock().unwrap().commands.push(command);
     }
 
-    fn vendor_capability_written(&mut self, index: usize, data: &[u8]) {
-        self.log.lock().unwrap().vendor.push((index, data.to_vec()));
+    fn vendor_capability_written(
+        &mut self,
+        index: usize,
+        written: std::ops::Range<usize>,
+        data: &[u8],
+    ) {
+        self.log
+            .lock()
+            .unwrap()
+            .vendor
+            .push((index, written, data.to_vec()));
+    }
+
+    fn vendor_capability_read(&mut self, index: usize, offset: usize, data: &mut [u8]) {
+        // The last data byte reads live state: the number of reads so far.
+        let mut log = self.log.lock().unwrap();
+        log.vendor_reads += 1;
+        if let Some(b) = (2usize.checked_sub(offset)).and_then(|i| data.get_mut(i)) {
+            *b = log.vendor_reads as u8 + index as u8;
+        }
     }
 
     fn open(&mut self) -> Result<(), Error> {
@@ -562,8 +581,31 @@ fn vendor_capability_writes_reach_the_function() {
         .unwrap();
     assert_eq!(
         log.lock().unwrap().vendor,
-        vec![(0, vec![0xaa, 0x22, 0xcc])]
+        vec![(0, 0..3, vec![0xaa, 0x22, 0xcc])]
     );
+    // a write of the header only, and one that ends inside the data
+    d.region_write(CONFIG_REGION, off as u64, &[0; 2]).unwrap();
+    d.region_write(CONFIG_REGION, off as u64 + 2, &[0, 0x44, 0x55])
+        .unwrap();
+    let log = log.lock().unwrap();
+    assert_eq!(log.vendor[1].1, 0..0);
+    assert_eq!(log.vendor[2].1, 0..2);
+}
+
+#[test]
+fn vendor_capability_reads_go_through_the_function() {
+    let (mut d, log) = device();
+    let off = find_cap(&mut d, CAP_ID_VENDOR) as u64;
+    // data byte 2 (capability byte 5) is live; the others are stored
+    let mut b = [0u8; 8];
+    d.region_read(CONFIG_REGION, off, &mut b).unwrap();
+    assert_eq!(b[5], 1);
+    assert_eq!((b[0], b[2], b[3]), (CAP_ID_VENDOR, 6, 0xaa));
+    d.region_read(CONFIG_REGION, off + 5, &mut b[..1]).unwrap();
+    assert_eq!(b[0], 2);
+    // a read of the header alone does not reach the function
+    d.region_read(CONFIG_REGION, off, &mut b[..3]).unwrap();
+    assert_eq!(log.lock().unwrap().vendor_reads, 2);
 }
 
 #[test]

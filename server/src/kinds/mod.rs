@@ -12,12 +12,17 @@ use serde::de::DeserializeOwned;
 use vdevd_devices::Device;
 use vdevd_devices::dma::DmaSpace;
 
+use vmm_sys_util::eventfd::EventFd;
+
 use crate::cli::SocketArgs;
 use crate::error::Error;
+use crate::listener::Listener;
+use crate::vhost_user::VhostUserServer;
 
 pub mod nvme;
 pub mod passthrough;
 pub mod sample;
+pub mod virtio_blk;
 
 /// A device type: its name, its options and how to build it.
 ///
@@ -32,13 +37,44 @@ pub trait DeviceType {
     type Options: clap::Args + DeserializeOwned + Send + 'static;
     /// Build a device that reaches client memory through `dma`.
     fn build(options: Self::Options, dma: Arc<DmaSpace>) -> Result<Box<dyn Device>, Error>;
+
+    /// How to serve a device with these options: over vfio-user (with
+    /// [`DeviceType::build`]) unless the type can also be served over
+    /// vhost-user and the options ask for it.
+    fn builder(options: Self::Options) -> Builder
+    where
+        Self: Sized + 'static,
+    {
+        Builder::VfioUser(Box::new(move |dma| Self::build(options, dma)))
+    }
 }
 
-/// Builds a device once its DMA address space exists.
-pub type Builder = Box<dyn FnOnce(Arc<DmaSpace>) -> Result<Box<dyn Device>, Error> + Send>;
+/// Builds a vfio-user device once its DMA address space exists.
+pub type VfioUserBuilder = Box<dyn FnOnce(Arc<DmaSpace>) -> Result<Box<dyn Device>, Error> + Send>;
 
-fn builder<T: DeviceType>(options: T::Options) -> Builder {
-    Box::new(move |dma| T::build(options, dma))
+/// Starts a vhost-user server on its bound listener; `exited` is
+/// signalled when it ends.
+pub struct VhostUserBuilder {
+    /// The QEMU device that connects to it (for the start-up banner).
+    pub qemu_device: &'static str,
+    /// Number of queues (for the banner's `num-queues`).
+    pub queues: u16,
+    /// Start serving.
+    #[allow(clippy::type_complexity)]
+    pub start:
+        Box<dyn FnOnce(Listener, Option<Arc<EventFd>>) -> Result<VhostUserServer, Error> + Send>,
+}
+
+/// How a planned device is served.
+pub enum Builder {
+    /// A PCI device over vfio-user.
+    VfioUser(VfioUserBuilder),
+    /// A virtio device over vhost-user.
+    VhostUser(VhostUserBuilder),
+}
+
+fn builder<T: DeviceType + 'static>(options: T::Options) -> Builder {
+    T::builder(options)
 }
 
 /// The socket options and the type's own options of a device subcommand.
@@ -51,6 +87,26 @@ pub struct DeviceArgs<O: clap::Args> {
     #[command(flatten, next_help_heading = "Device options")]
     pub options: O,
 }
+
+const VIRTIO_BLK_EXAMPLES: &str = "\
+Examples:
+  A 1 GiB memory disk over vfio-user (QEMU: -device vfio-user-pci):
+    vdevd virtio-blk --socket /run/vdevd/vblk0.sock --size 1G --queues 2
+  An image file with O_DIRECT, notify page polled instead of trapped:
+    vdevd virtio-blk --socket /run/vdevd/vblk0.sock --image disk.raw --direct --kick poll
+  The same disk over vhost-user (QEMU: -device vhost-user-blk-pci):
+    vdevd virtio-blk --vhost-user /run/vdevd/vblk0-vu.sock --image disk.raw --queues 4
+    qemu-system-x86_64 ... \\
+      -object memory-backend-memfd,id=mem,size=1G,share=on -machine memory-backend=mem \\
+      -chardev socket,id=vu0,path=/run/vdevd/vblk0-vu.sock,reconnect-ms=1000 \\
+      -device vhost-user-blk-pci,chardev=vu0,num-queues=4
+  In a configuration file:
+    [[device]]
+    type = \"virtio-blk\"
+    socket = \"/run/vdevd/vblk0-vu.sock\"
+    transport = \"vhost-user\"      # or \"vfio-user\" (default)
+    image = \"/var/lib/vm/disk.raw\"
+    queues = 4";
 
 const SAMPLE_EXAMPLES: &str = "\
 Examples:
@@ -81,6 +137,10 @@ pub enum DeviceCommand {
     /// MSI-X/MSI/INTx (vendor 1234, device 5344)
     #[command(after_long_help = SAMPLE_EXAMPLES)]
     Sample(DeviceArgs<sample::SampleOptions>),
+    /// A virtio block device (1af4:1042) on a memory disk or an image
+    /// file, over vfio-user (virtio-pci) or vhost-user
+    #[command(after_long_help = VIRTIO_BLK_EXAMPLES)]
+    VirtioBlk(DeviceArgs<virtio_blk::VirtioBlkOptions>),
     /// A host PCI device bound to vfio-pci, re-exported over vfio-user (the
     /// VMM needs no access to /dev/vfio)
     #[command(after_long_help = PASSTHROUGH_EXAMPLES)]
@@ -103,6 +163,20 @@ impl DeviceCommand {
                 a.socket,
                 builder::<sample::Sample>(a.options),
             ),
+            DeviceCommand::VirtioBlk(a) => {
+                let socket = match &a.options.vhost_user {
+                    Some(path) => SocketArgs {
+                        socket: Some(path.clone()),
+                        ..SocketArgs::default()
+                    },
+                    None => a.socket,
+                };
+                (
+                    virtio_blk::VirtioBlk::NAME,
+                    socket,
+                    builder::<virtio_blk::VirtioBlk>(a.options),
+                )
+            }
             DeviceCommand::Passthrough(a) => (
                 passthrough::Passthrough::NAME,
                 a.socket,
@@ -125,6 +199,7 @@ impl DeviceCommand {
 pub fn names() -> Vec<&'static str> {
     vec![
         sample::Sample::NAME,
+        virtio_blk::VirtioBlk::NAME,
         passthrough::Passthrough::NAME,
         nvme::Nvme::NAME,
         #[cfg(test)]
@@ -132,7 +207,7 @@ pub fn names() -> Vec<&'static str> {
     ]
 }
 
-fn parse<T: DeviceType>(table: toml::Table) -> Result<Builder, Error> {
+fn parse<T: DeviceType + 'static>(table: toml::Table) -> Result<Builder, Error> {
     let options: T::Options = toml::Value::Table(table)
         .try_into()
         .map_err(|e| Error::Config(format!("{} options: {e}", T::NAME)))?;
@@ -144,6 +219,9 @@ fn parse<T: DeviceType>(table: toml::Table) -> Result<Builder, Error> {
 pub fn from_table(kind: &str, table: toml::Table) -> Result<Builder, Error> {
     if kind == sample::Sample::NAME {
         return parse::<sample::Sample>(table);
+    }
+    if kind == virtio_blk::VirtioBlk::NAME {
+        return parse::<virtio_blk::VirtioBlk>(table);
     }
     if kind == passthrough::Passthrough::NAME {
         return parse::<passthrough::Passthrough>(table);

@@ -116,6 +116,11 @@ pub struct NvmeOptions {
     /// (the latency an idle device can add, and what sets its idle CPU use)
     #[arg(long, value_name = "US", default_value_t = NvmeOptions::default().poll_max_sleep_us)]
     pub poll_max_sleep_us: u64,
+    /// Raise a completion queue's interrupt for every batch of completions,
+    /// even while the guest has not yet handled the previous one (by
+    /// default it is held back until the guest's handler has run)
+    #[arg(long)]
+    pub no_irq_defer: bool,
     /// Serial number, up to 20 characters (default: derived from the image
     /// path, or random for an in-memory namespace)
     #[arg(long, value_name = "TEXT")]
@@ -139,6 +144,7 @@ impl Default for NvmeOptions {
             io_threads: c.io_threads,
             poll_spin_us: c.poll.spin.as_micros() as u64,
             poll_max_sleep_us: c.poll.max_sleep.as_micros() as u64,
+            no_irq_defer: !c.irq_defer,
             serial: None,
         }
     }
@@ -225,6 +231,7 @@ impl NvmeOptions {
         Ok(NvmeConfig {
             max_io_queues: self.queues,
             poll,
+            irq_defer: !self.no_irq_defer,
             io_threads: self.io_threads,
             doorbells: match self.doorbells {
                 Doorbells::Trap => DoorbellMode::Trap,
@@ -280,6 +287,9 @@ mod tests {
         assert_eq!(o.queues, 2);
         assert_eq!(o.doorbells, Doorbells::Mmap);
         assert!(toml::from_str::<NvmeOptions>("sise = 1").is_err());
+        assert!(NvmeOptions::default().config().unwrap().irq_defer);
+        let o: NvmeOptions = toml::from_str("no_irq_defer = true").unwrap();
+        assert!(!o.config().unwrap().irq_defer);
     }
 
     #[test]

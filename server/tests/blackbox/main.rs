@@ -11,6 +11,7 @@
 //!   alive, next client served, no descriptor leaked).
 //! * `commands`: every command's happy path against the sample device.
 //! * `interop`: the `vfio_user` crate's client against the server.
+//! * `nvme`: `vdevd nvme` enabled and queried like a host driver would.
 
 mod commands;
 mod common;
@@ -18,6 +19,7 @@ mod hostile;
 mod interop;
 mod limits;
 mod negative;
+mod nvme;
 
 /// Not a test: the client that `negative` kills mid-message, run in a
 /// child process (this binary re-executed with this test selected and

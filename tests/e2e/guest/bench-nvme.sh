@@ -2,8 +2,8 @@
 # Guest side of `bench nvme`: the same fio jobs on each target, interleaved
 # (every job runs on every target before the next job), results as
 #   E2E-INFO bench <target> <job> <iops> <bandwidth KiB/s>
-# Config: E2E_BENCH_TARGETS ("name=BDF" for an NVMe controller at that PCI
-# address, "null" for the guest's null_blk), E2E_BENCH_RUNTIME, E2E_BENCH_RAMP.
+# Config: E2E_BENCH_TARGETS ("name=BDF" for an NVMe controller or a virtio
+# block device at that PCI address, "null" for the guest's null_blk), E2E_BENCH_RUNTIME, E2E_BENCH_RAMP.
 
 # JOBS: name rw bs iodepth
 BENCH_JOBS="randread_qd1:randread:4k:1
@@ -16,6 +16,9 @@ bench_dev() {
     case "$1" in
         null) echo /dev/nullb0 ;;
         *=*)
+            for _d in /sys/bus/pci/devices/"${1#*=}"/virtio*/block/vd*; do
+                [ -b "/dev/${_d##*/}" ] && echo "/dev/${_d##*/}" && return 0
+            done
             for _c in /sys/bus/pci/devices/"${1#*=}"/nvme/nvme*; do
                 for _n in "$_c/${_c##*/}"n*; do
                     [ -b "/dev/${_n##*/}" ] && echo "/dev/${_n##*/}" && return 0
