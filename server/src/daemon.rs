@@ -102,17 +102,46 @@ fn banner(kind: &str, socket: &SocketSpec) -> String {
 pub fn run(plan: Plan) -> Result<(), Error> {
     let signals = Signals::block()?;
     let exited = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| Error::io("eventfd", e))?);
-    let mut servers: Vec<DeviceServer> = Vec::new();
+    // Open everything first, as whoever started us; then drop to --user;
+    // then serve.
+    let credentials = match &plan.options.user {
+        Some(u) => Some(crate::privileges::lookup(u)?),
+        None => None,
+    };
+    let give = |path: Option<&std::path::Path>| -> Result<(), Error> {
+        if let (Some(c), Some(path)) = (&credentials, path) {
+            std::os::unix::fs::chown(path, Some(c.uid), Some(c.gid))
+                .map_err(|e| Error::io(format!("chown {}", path.display()), e))?;
+        }
+        Ok(())
+    };
     // Virtio devices over vhost-user: outside device sets, address spaces
-    // and the control socket, which are vfio-user notions.
+    // and the control socket, which are vfio-user notions. Started after
+    // the drop, like the others.
+    let mut vhost_pending = Vec::new();
     let mut vhost: Vec<VhostUserServer> = Vec::new();
     let sets = DeviceSets::new();
     let spaces = SharedSpaces::default();
+    struct Opened {
+        kind: &'static str,
+        socket: SocketSpec,
+        address_space: Option<String>,
+        listener: Listener,
+        dma: Arc<vdevd_devices::dma::DmaSpace>,
+        device: Box<dyn vdevd_devices::Device>,
+        name: String,
+        set_name: String,
+        shared: Option<SharedMember>,
+    }
+    let mut opened: Vec<Opened> = Vec::new();
     for d in plan.devices {
         let listener = match &d.socket {
-            SocketSpec::Path(p) => Listener::bind(p)?,
+            SocketSpec::Path(p) => {
+                Listener::bind_with(p, &crate::listener::BindOptions::from(&plan.options))?
+            }
             SocketSpec::Fd(fd) => Listener::from_fd(*fd)?,
         };
+        give(listener.path())?;
         let build = match d.build {
             Builder::VfioUser(build) => build,
             Builder::VhostUser(b) => {
@@ -122,14 +151,7 @@ pub fn run(plan: Plan) -> Result<(), Error> {
                         d.kind
                     )));
                 }
-                let server = (b.start)(listener, Some(exited.clone()))?;
-                print_banner(&vhost_user_banner(
-                    d.kind,
-                    &d.socket,
-                    b.qemu_device,
-                    b.queues,
-                ));
-                vhost.push(server);
+                vhost_pending.push((d.kind, d.socket, listener, b));
                 continue;
             }
         };
@@ -149,7 +171,7 @@ pub fn run(plan: Plan) -> Result<(), Error> {
         if d.name.is_none() {
             let base = name.clone();
             let mut i = 1;
-            while servers.iter().any(|s| s.name() == name) {
+            while opened.iter().any(|o| o.name == name) {
                 i += 1;
                 name = format!("{base}-{i}");
             }
@@ -159,30 +181,62 @@ pub fn run(plan: Plan) -> Result<(), Error> {
             .clone()
             .or_else(|| device.reset_domain())
             .unwrap_or_else(|| format!("solo:{name}"));
-        let server = DeviceServer::start_in_set(
+        opened.push(Opened {
+            kind: d.kind,
+            socket: d.socket,
+            address_space: d.address_space,
             listener,
             dma,
             device,
+            name,
+            set_name,
+            shared,
+        });
+    }
+    let ctl_listener = match &plan.ctl_socket {
+        Some(path) => {
+            let l = Listener::bind(path)?;
+            give(l.path())?;
+            Some((path.clone(), l))
+        }
+        None => None,
+    };
+    if let Some(c) = &credentials {
+        crate::privileges::drop_to(c)?;
+    }
+    for (kind, socket, listener, b) in vhost_pending {
+        let server = (b.start)(listener, Some(exited.clone()))?;
+        print_banner(&vhost_user_banner(kind, &socket, b.qemu_device, b.queues));
+        vhost.push(server);
+    }
+    let mut servers: Vec<DeviceServer> = Vec::new();
+    for o in opened {
+        let server = DeviceServer::start_in_set(
+            o.listener,
+            o.dma,
+            o.device,
             plan.options.clone(),
             Some(exited.clone()),
             Placement {
-                set: sets.join(&set_name),
-                name: name.clone(),
-                shared,
+                set: sets.join(&o.set_name),
+                name: o.name.clone(),
+                shared: o.shared,
             },
         )?;
         log::info!(
-            "device {name}: device set {set_name}, address space {}",
-            d.address_space.as_deref().unwrap_or("(its own)")
+            "device {}: device set {}, address space {}",
+            o.name,
+            o.set_name,
+            o.address_space.as_deref().unwrap_or("(its own)")
         );
-        print_banner(&banner(d.kind, &d.socket));
+        print_banner(&banner(o.kind, &o.socket));
         servers.push(server);
     }
 
-    let ctl = match &plan.ctl_socket {
-        Some(path) => {
+    let ctl = match ctl_listener {
+        Some((path, listener)) => {
             let handles = servers.iter().map(DeviceServer::handle).collect();
-            let c = CtlServer::start(Listener::bind(path)?, handles)?;
+            let c = CtlServer::start(listener, handles)?;
             let names: Vec<&str> = servers.iter().map(DeviceServer::name).collect();
             log::info!(
                 "control socket {} for devices {}",

@@ -30,7 +30,9 @@
 //! [`migration`] (the migration state machine), [`error`] (the errno of
 //! every error reply), [`options`], [`cli`], [`kinds`] (device types),
 //! [`daemon`] (the process and its signals), [`vhost_user`] (virtio
-//! devices over vhost-user).
+//! devices over vhost-user), [`sandbox`] (the device threads' seccomp
+//! filter), [`privileges`] (`--user`), [`record`] (recording client
+//! traffic as fuzzing seeds).
 
 pub mod aspace;
 pub mod cli;
@@ -43,6 +45,9 @@ pub mod listener;
 pub mod messenger;
 pub mod migration;
 pub mod options;
+pub mod privileges;
+pub mod record;
+pub mod sandbox;
 pub mod server;
 pub mod session;
 pub mod vhost_user;

@@ -30,6 +30,33 @@ pub const SOCKET_MODE: u32 = 0o600;
 /// Connections waiting in the backlog while a client is being served.
 const BACKLOG: i32 = 16;
 
+/// How [`Listener::bind_with`] creates the socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BindOptions {
+    /// Permission bits of the socket file (0600 by default).
+    pub mode: u32,
+    /// listen(2) backlog.
+    pub backlog: i32,
+}
+
+impl Default for BindOptions {
+    fn default() -> Self {
+        BindOptions {
+            mode: SOCKET_MODE,
+            backlog: BACKLOG,
+        }
+    }
+}
+
+impl From<&crate::options::ServerOptions> for BindOptions {
+    fn from(o: &crate::options::ServerOptions) -> Self {
+        BindOptions {
+            mode: o.socket_mode & 0o777,
+            backlog: i32::try_from(o.listen_backlog).unwrap_or(BACKLOG),
+        }
+    }
+}
+
 /// A listening Unix stream socket, non-blocking and close-on-exec.
 #[derive(Debug)]
 pub struct Listener {
@@ -42,6 +69,13 @@ impl Listener {
     /// Create a listening socket at `path`, replacing a stale socket file
     /// but refusing one a server is listening on.
     pub fn bind(path: &Path) -> Result<Listener, Error> {
+        Listener::bind_with(path, &BindOptions::default())
+    }
+
+    /// [`Listener::bind`] with a chosen file mode and backlog. The socket
+    /// is created with mode 0600 whatever `options.mode` says and widened
+    /// to it only once bound, so it is never more open than asked for.
+    pub fn bind_with(path: &Path, options: &BindOptions) -> Result<Listener, Error> {
         let display = path.display().to_string();
         let bytes = path.as_os_str().as_bytes();
         // sun_path holds 108 bytes including the terminating NUL.
@@ -93,13 +127,13 @@ impl Listener {
             bound: Some((path.to_path_buf(), (meta.dev(), meta.ino()))),
         };
         // A umask that takes the owner's bits away would make the socket
-        // unusable even for its owner; widen to exactly 0600 then.
-        if meta.permissions().mode() & 0o777 != SOCKET_MODE {
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(SOCKET_MODE))
+        // unusable even for its owner; set exactly the mode asked for.
+        if meta.permissions().mode() & 0o777 != options.mode {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(options.mode))
                 .map_err(|e| Error::io(format!("chmod {display}"), e))?;
         }
         // SAFETY: listen on a bound socket we own; no pointers.
-        if unsafe { libc::listen(listener.sock.as_raw_fd(), BACKLOG) } != 0 {
+        if unsafe { libc::listen(listener.sock.as_raw_fd(), options.backlog) } != 0 {
             return Err(Error::io(
                 format!("listen on {display}"),
                 io::Error::last_os_error(),
@@ -172,6 +206,32 @@ impl Listener {
             }
         }
     }
+}
+
+/// The user id of the process at the other end of a connected Unix
+/// socket, from SO_PEERCRED (what it was when it connected).
+pub fn peer_uid(sock: &UnixStream) -> io::Result<u32> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`, which is
+    // a valid ucred that outlives the call, and updates `len`.
+    let r = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&raw mut cred).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cred.uid)
 }
 
 impl AsFd for Listener {

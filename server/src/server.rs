@@ -37,6 +37,7 @@ use crate::listener::Listener;
 use crate::messenger::Messenger;
 use crate::migration::Migration;
 use crate::options::ServerOptions;
+use crate::record::Recorder;
 use crate::session::{self, DeviceState, Flow, Session};
 use crate::wire::{Fill, OutMessage, Reader, Stats, Writer};
 
@@ -54,8 +55,8 @@ const TOKEN_SHIFT: u32 = 8;
 pub fn dma_space(options: &ServerOptions) -> Arc<DmaSpace> {
     Arc::new(DmaSpace::new(DmaLimits {
         max_maps: options.max_dma_maps,
+        max_bytes: options.max_dma_bytes,
         page_size: options.page_size(),
-        ..DmaLimits::default()
     }))
 }
 
@@ -239,10 +240,15 @@ impl DeviceServer {
         thread.register(thread.ctl_wake.as_raw_fd(), TOKEN_CTL, EventSet::IN)?;
         thread.register(thread.dev.messenger.wake_fd(), TOKEN_DMA, EventSet::IN)?;
         thread.listen(true)?;
+        let recording = std::env::var_os(crate::record::RECORD_DIR_ENV).is_some();
+        let filters = crate::sandbox::device_thread_filters(thread.dev.options.seccomp, recording)?;
         let handle = std::thread::Builder::new()
             .name(format!("vdevd-{name}"))
             .spawn(move || {
-                let result = thread.run();
+                let result = match crate::sandbox::apply_all(&filters) {
+                    Err(e) => Err(e),
+                    Ok(()) => thread.run(),
+                };
                 if let Err(e) = &result {
                     log::error!("device {}: {e}", thread.dev.device.name());
                 }
@@ -273,7 +279,7 @@ impl DeviceServer {
         build: impl FnOnce(Arc<DmaSpace>) -> Result<Box<dyn Device>, Error>,
     ) -> Result<DeviceServer, Error> {
         options.validate()?;
-        let listener = Listener::bind(path)?;
+        let listener = Listener::bind_with(path, &crate::listener::BindOptions::from(&options))?;
         let dma = dma_space(&options);
         let device = build(dma.clone())?;
         DeviceServer::start(listener, dma, device, options, None)
@@ -342,6 +348,8 @@ struct Client {
     want_out: bool,
     token: u64,
     messages: u64,
+    /// Writes the client's messages to the recording directory, if on.
+    recorder: Option<Recorder>,
 }
 
 struct DeviceThread {
@@ -358,8 +366,70 @@ struct DeviceThread {
     name: String,
 }
 
-fn output_limit(max_message: usize) -> usize {
+/// The most bytes of unsent output a connection may hold, for a largest
+/// message of `max_message` bytes.
+pub fn output_limit(max_message: usize) -> usize {
     max_message.saturating_mul(4).max(16 << 20)
+}
+
+/// What [`dispatch`] did with the messages buffered in a reader.
+#[derive(Debug, Default)]
+pub struct Dispatched {
+    /// Messages handled.
+    pub messages: u64,
+    /// Why the connection must close, if it must.
+    pub close: Option<String>,
+}
+
+/// Handle every complete message buffered in `reader`, queueing replies on
+/// `writer`; once VERSION is negotiated, raise the reader's and writer's
+/// limits to what was agreed. This is the whole of what a device thread
+/// does with client input between `recvmsg` and `sendmsg`, shared with
+/// the `dispatch` fuzz target.
+pub fn dispatch(
+    session: &mut Session,
+    dev: &mut DeviceState,
+    reader: &mut Reader,
+    writer: &mut Writer,
+    stats: &Stats,
+    mut recorder: Option<&mut Recorder>,
+) -> Dispatched {
+    let mut done = Dispatched::default();
+    loop {
+        let msg = match reader.next_message() {
+            Ok(Some(m)) => m,
+            Ok(None) => break,
+            Err(fe) => {
+                session.frame_error(&fe.header, &fe.error, writer);
+                done.close = Some(fe.error.to_string());
+                break;
+            }
+        };
+        if let Some(r) = recorder.as_deref_mut() {
+            r.record(msg.bytes, &msg.fds);
+        }
+        done.messages += 1;
+        Stats::bump(&stats.messages_received);
+        let was_negotiated = session.negotiated();
+        match session.handle(dev, msg, writer) {
+            Ok(Flow::Continue) => {}
+            Ok(Flow::Close) => {
+                done.close = Some("protocol violation".into());
+                break;
+            }
+            Err(e) => {
+                done.close = Some(e.to_string());
+                break;
+            }
+        }
+        if !was_negotiated && session.negotiated() {
+            Stats::bump(&stats.sessions);
+            let max = session.max_message();
+            reader.set_max_message(max);
+            writer.set_limit(output_limit(max));
+        }
+    }
+    done
 }
 
 impl DeviceThread {
@@ -530,6 +600,25 @@ impl DeviceThread {
         };
         self.connections += 1;
         Stats::bump(&self.stats.connections);
+        if !self.dev.options.allow_uids.is_empty() {
+            match crate::listener::peer_uid(&sock) {
+                Ok(uid) if self.dev.options.allow_uids.contains(&uid) => {}
+                Ok(uid) => {
+                    log::warn!(
+                        "{}: refusing a client running as uid {uid} (not in --allow-uid)",
+                        self.dev.device.name()
+                    );
+                    return Ok(());
+                }
+                Err(e) => {
+                    log::warn!(
+                        "{}: refusing a client whose credentials cannot be read: {e}",
+                        self.dev.device.name()
+                    );
+                    return Ok(());
+                }
+            }
+        }
         let token = TOKEN_CLIENT | (self.connections << TOKEN_SHIFT);
         self.register(sock.as_raw_fd(), token, EventSet::IN)?;
         self.listen(false)?;
@@ -551,6 +640,7 @@ impl DeviceThread {
             want_out: false,
             token,
             messages: 0,
+            recorder: Recorder::from_env(self.dev.device.name(), self.connections),
         });
         Ok(())
     }
@@ -577,39 +667,20 @@ impl DeviceThread {
                 return;
             }
         }
-        let mut close: Option<String> = None;
-        loop {
-            let msg = match c.reader.next_message() {
-                Ok(Some(m)) => m,
-                Ok(None) => break,
-                Err(fe) => {
-                    c.session.frame_error(&fe.header, &fe.error, &mut c.writer);
-                    close = Some(fe.error.to_string());
-                    break;
-                }
-            };
-            c.messages += 1;
-            Stats::bump(&self.stats.messages_received);
-            let was_negotiated = c.session.negotiated();
-            match c.session.handle(&mut self.dev, msg, &mut c.writer) {
-                Ok(Flow::Continue) => {}
-                Ok(Flow::Close) => {
-                    close = Some("protocol violation".into());
-                    break;
-                }
-                Err(e) => {
-                    close = Some(e.to_string());
-                    break;
-                }
-            }
-            if !was_negotiated && c.session.negotiated() {
-                c.deadline = None;
-                Stats::bump(&self.stats.sessions);
-                let max = c.session.max_message();
-                c.reader.set_max_message(max);
-                c.writer.set_limit(output_limit(max));
-            }
+        let was_negotiated = c.session.negotiated();
+        let done = dispatch(
+            &mut c.session,
+            &mut self.dev,
+            &mut c.reader,
+            &mut c.writer,
+            &self.stats,
+            c.recorder.as_mut(),
+        );
+        c.messages += done.messages;
+        if !was_negotiated && c.session.negotiated() {
+            c.deadline = None;
         }
+        let close = done.close;
         if let Some(why) = close {
             // Best effort: the error reply, then close.
             let _ = c.writer.flush(c.sock.as_fd(), &self.stats);

@@ -96,6 +96,32 @@ impl DeviceState {
     }
 }
 
+impl DeviceState {
+    /// The state of `device`, built on `dma`, before any client, alone in
+    /// its device set and address space (what the fuzz targets serve).
+    pub fn new(
+        device: Box<dyn Device>,
+        dma: Arc<DmaSpace>,
+        options: ServerOptions,
+    ) -> Result<DeviceState, Error> {
+        let messenger =
+            Arc::new(Messenger::new(options.dma_timeout).map_err(|e| Error::io("eventfd", e))?);
+        let name = device.name().to_string();
+        let set = crate::devset::DeviceSets::new().join(&format!("solo:{name}"));
+        Ok(DeviceState {
+            device,
+            dma,
+            messenger,
+            options,
+            migration: Migration::default(),
+            users: Users::new(set, &name),
+            client_user: false,
+            external_refs: 0,
+            shared: None,
+        })
+    }
+}
+
 /// What the session negotiated with VERSION.
 #[derive(Clone, Copy, Debug)]
 struct Negotiated {
@@ -141,6 +167,64 @@ impl Reply {
 #[derive(Debug, Default)]
 pub struct Session {
     negotiated: Option<Negotiated>,
+    warnings: WarnLimiter,
+}
+
+/// Rate limit of the warnings one client can cause: at most `limit` per
+/// second; the rest are counted and the count logged once the second is
+/// over, so a flood of bad messages cannot flood the log.
+#[derive(Debug, Default)]
+pub struct WarnLimiter {
+    window: Option<std::time::Instant>,
+    logged: u32,
+    suppressed: u64,
+}
+
+impl WarnLimiter {
+    /// Whether a warning may be logged now, with `limit` per second (0:
+    /// no limit). Logs how many were suppressed in the last window when a
+    /// new one starts.
+    pub fn allow(&mut self, limit: u32) -> bool {
+        if limit == 0 {
+            return true;
+        }
+        let now = std::time::Instant::now();
+        let fresh = self
+            .window
+            .is_none_or(|w| now.duration_since(w) >= std::time::Duration::from_secs(1));
+        if fresh {
+            if self.suppressed > 0 {
+                log::warn!(
+                    "{} more warnings about this client suppressed (limit {limit} per second)",
+                    self.suppressed
+                );
+            }
+            self.window = Some(now);
+            self.logged = 0;
+            self.suppressed = 0;
+        }
+        if self.logged < limit {
+            self.logged += 1;
+            true
+        } else {
+            self.suppressed += 1;
+            false
+        }
+    }
+
+    /// Warnings suppressed in the current window.
+    pub fn suppressed(&self) -> u64 {
+        self.suppressed
+    }
+}
+
+/// Log a warning through the session's limiter.
+macro_rules! warn_limited {
+    ($self:expr, $dev:expr, $($arg:tt)+) => {
+        if $self.warnings.allow($dev.options.log_warnings_per_sec) {
+            log::warn!($($arg)+);
+        }
+    };
 }
 
 fn check_fds(count: usize, max: usize, command: u16) -> Result<(), Error> {
@@ -284,7 +368,7 @@ impl Session {
             Ok(k) => k,
             Err(e) => {
                 let e = Error::Protocol(e);
-                log::warn!("id {}: {e}", header.msg_id);
+                warn_limited!(self, dev, "id {}: {e}", header.msg_id);
                 out.push(error_reply(&header, e.errno()))?;
                 return Ok(Flow::Continue);
             }
@@ -322,6 +406,9 @@ impl Session {
                 let errno = e.errno();
                 let level = match e {
                     Error::FeatureNotSupported(_) | Error::NotSupported(_) => log::Level::Info,
+                    _ if !self.warnings.allow(dev.options.log_warnings_per_sec) => {
+                        log::Level::Debug
+                    }
                     _ => log::Level::Warn,
                 };
                 log::log!(
@@ -364,14 +451,16 @@ impl Session {
                 id: header.msg_id,
                 command: header.command,
             };
-            log::warn!("{e}: the reply flag is set on a request");
+            warn_limited!(self, dev, "{e}: the reply flag is set on a request");
             let mut h = *header;
             h.flags = 0;
             out.push(error_reply(&h, e.errno()))?;
             return Ok(Flow::Continue);
         }
         if !fds.is_empty() {
-            log::warn!(
+            warn_limited!(
+                self,
+                dev,
                 "id {}: closing {} descriptors sent with a reply",
                 header.msg_id,
                 fds.len()
@@ -392,10 +481,13 @@ impl Session {
                     proto::DmaReply::Write(a) => DmaReply::Write(a.map(|a| (a.address, a.count))),
                 })
         };
-        let reply = parsed.unwrap_or_else(|e| {
-            log::warn!("id {}: malformed reply: {e}", header.msg_id);
-            DmaReply::Error(libc::EINVAL as u32)
-        });
+        let reply = match parsed {
+            Ok(r) => r,
+            Err(e) => {
+                warn_limited!(self, dev, "id {}: malformed reply: {e}", header.msg_id);
+                DmaReply::Error(libc::EINVAL as u32)
+            }
+        };
         match dev.messenger.complete(header.msg_id, reply) {
             Ok(()) => {}
             Err(ReplyMismatch::UnknownId) => {
@@ -403,13 +495,17 @@ impl Session {
                     id: header.msg_id,
                     command: header.command,
                 };
-                log::warn!("{e}; ignored");
+                warn_limited!(self, dev, "{e}; ignored");
             }
-            Err(ReplyMismatch::WrongCommand) => log::warn!(
-                "id {}: reply with command {} does not match our request; ignored",
-                header.msg_id,
-                command_name(header.command)
-            ),
+            Err(ReplyMismatch::WrongCommand) => {
+                warn_limited!(
+                    self,
+                    dev,
+                    "id {}: reply with command {} does not match our request; ignored",
+                    header.msg_id,
+                    command_name(header.command)
+                );
+            }
         }
         Ok(Flow::Continue)
     }
@@ -666,8 +762,8 @@ impl Session {
         };
         dev.dma.set_limits(DmaLimits {
             max_maps: o.max_dma_maps,
+            max_bytes: o.max_dma_bytes,
             page_size,
-            ..DmaLimits::default()
         });
         if !dev.client_user {
             dev.add_user("client")?;
@@ -1075,6 +1171,7 @@ impl Session {
                         "dirty page logging of a shared address space".into(),
                     ));
                 }
+                check_dirty_log(dev, start.page_size, &ranges)?;
                 dev.dma.start_dirty_logging(start.page_size, &ranges)?;
                 proto::FeatureReply::DmaLoggingStart(start.clone())
             }
@@ -1157,6 +1254,45 @@ fn check_region(dev: &DeviceState, index: u32) -> Result<(), Error> {
     Ok(())
 }
 
+/// Most memory the dirty bitmaps of one DMA_LOGGING_START may take: what
+/// one report may carry at most (QEMU's `max_bitmap_size`), 8 TiB of
+/// logged memory at 4 KiB pages.
+pub const MAX_DIRTY_LOG_BYTES: u64 = proto::version::DEFAULT_MAX_BITMAP_SIZE;
+
+/// Refuse a DMA_LOGGING_START whose bitmaps would be larger than
+/// [`MAX_DIRTY_LOG_BYTES`] (a client could otherwise make the server
+/// allocate without bound), or whose page size is below the smallest DMA
+/// page size offered.
+fn check_dirty_log(dev: &DeviceState, page_size: u64, ranges: &[(u64, u64)]) -> Result<(), Error> {
+    let min_page = dev.options.page_size();
+    if page_size < min_page || !page_size.is_power_of_two() {
+        return Err(Error::InvalidArgument(format!(
+            "dirty logging page size {page_size:#x} (a power of two of at least {min_page:#x})"
+        )));
+    }
+    let mapped: Vec<(u64, u64)>;
+    let ranges = if ranges.is_empty() {
+        mapped = dev.dma.ranges().iter().map(|r| (r.iova, r.size)).collect();
+        &mapped[..]
+    } else {
+        ranges
+    };
+    let mut bytes: u64 = 0;
+    for &(_, len) in ranges {
+        // One bit per page, in 64-bit words.
+        let words = len.div_ceil(page_size).div_ceil(64);
+        bytes = bytes.saturating_add(words.saturating_mul(8));
+    }
+    if bytes > MAX_DIRTY_LOG_BYTES {
+        return Err(Error::TransferTooLarge {
+            what: "dirty bitmaps",
+            value: bytes,
+            max: MAX_DIRTY_LOG_BYTES,
+        });
+    }
+    Ok(())
+}
+
 fn check_xfer(what: &'static str, len: usize, n: Negotiated) -> Result<(), Error> {
     if len > n.max_xfer as usize {
         return Err(Error::TransferTooLarge {
@@ -1175,4 +1311,21 @@ fn require_migratable(dev: &mut DeviceState) -> Result<(), Error> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod warn_limiter_tests {
+    use super::WarnLimiter;
+
+    #[test]
+    fn at_most_the_limit_per_window_then_counted() {
+        let mut w = WarnLimiter::default();
+        let allowed = (0..10).filter(|_| w.allow(3)).count();
+        assert_eq!(allowed, 3);
+        assert_eq!(w.suppressed(), 7);
+        // no limit
+        let mut w = WarnLimiter::default();
+        assert!((0..1000).all(|_| w.allow(0)));
+        assert_eq!(w.suppressed(), 0);
+    }
 }

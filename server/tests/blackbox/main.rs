@@ -15,7 +15,9 @@
 
 mod commands;
 mod common;
+mod hostile;
 mod interop;
+mod limits;
 mod negative;
 mod nvme;
 
@@ -27,5 +29,15 @@ mod nvme;
 fn killed_client_child() {
     if let Some(socket) = std::env::var_os(negative::KILL_SOCKET_ENV) {
         negative::killed_client_child(std::path::Path::new(&socket));
+    }
+}
+
+/// Not a test: a client of the kill loop in `hostile` that is killed with
+/// SIGKILL, run in a child process. Does nothing when run normally.
+#[test]
+#[ignore = "helper process for the kill loop"]
+fn sigkill_victim_child() {
+    if let Some(socket) = std::env::var_os(hostile::VICTIM_SOCKET_ENV) {
+        hostile::sigkill_victim_child(std::path::Path::new(&socket));
     }
 }
