@@ -1576,6 +1576,16 @@ impl NvmeController {
         let owner = owners
             .get(qid)
             .map_or(OWNER_NONE, |o| o.load(Ordering::SeqCst));
+        if sh.csts.load(Ordering::Acquire) & csts::RDY == 0 {
+            // No queue exists while the controller is not ready: nothing
+            // to ring, and nothing to report through an asynchronous event
+            // (it would reach the first AER after the next enable and
+            // blame that session for a write of an earlier one).
+            log::debug!(
+                "nvme: doorbell write of {v} at {off:#x} while the controller is not ready"
+            );
+            return;
+        }
         if owner == OWNER_NONE {
             log::debug!(
                 "nvme: write of {v} to the doorbell of {} {qid}, which does not exist",

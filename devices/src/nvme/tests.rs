@@ -1255,6 +1255,34 @@ fn async_events_limits_and_masking() {
 }
 
 #[test]
+fn doorbells_written_before_enable_raise_no_event_after_it() {
+    let mut h = Host::mem_disk(1024);
+    // Every doorbell of the page, while no queue exists.
+    for off in (reg::DOORBELLS..reg::DOORBELLS + 0x1000).step_by(4) {
+        h.w32(off, 7);
+    }
+    assert_eq!(h.r32(reg::CSTS), 0);
+    h.enable();
+    let aer = Command {
+        opcode: admin::ASYNC_EVENT,
+        ..Command::default()
+    };
+    let cid = h.submit(0, aer);
+    // No stale event completes the AER...
+    assert!(h.try_wait(0, Duration::from_millis(50)).is_none());
+    let c = h.admin(Command {
+        opcode: admin::KEEP_ALIVE,
+        ..Command::default()
+    });
+    assert_eq!(c.status, Status::SUCCESS);
+    // ...but a bad doorbell of this session does.
+    h.w32(reg::DOORBELLS + 8 * 3, 1);
+    let ev = h.wait(0);
+    assert_eq!(ev.cid, cid);
+    assert_eq!(ev.dw0, u32::from(log_page::ERROR) << 16);
+}
+
+#[test]
 fn log_pages_features_abort_keep_alive() {
     let mut h = Host::mem_disk(1024);
     h.enable();
