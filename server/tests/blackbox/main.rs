@@ -12,9 +12,11 @@
 //! * `commands`: every command's happy path against the sample device.
 //! * `interop`: the `vfio_user` crate's client against the server.
 //! * `nvme`: `vdevd nvme` enabled and queried like a host driver would.
+//! * `garbage`: the NVMe controller and virtio-blk driven with garbage.
 
 mod commands;
 mod common;
+mod garbage;
 mod hostile;
 mod interop;
 mod limits;
