@@ -14,9 +14,11 @@
 //! serves the next client. Every wait is bounded: a hung device fails the
 //! test instead of hanging it.
 
+use std::fs::File;
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
+use vdevd_protocol::RegionCap;
 use vdevd_tests::sample::{BAR0, config_read, enable_bus_master, enable_msix};
 use vdevd_tests::{Client, EventFd, ServerProcess, SharedMemory};
 
@@ -58,6 +60,40 @@ fn fds_with_a_client(s: &mut ServerProcess) -> usize {
     config_read(&mut c, 0, 4)
         .unwrap_or_else(|e| panic!("the next client is not served: {e}; log:\n{}", s.log()));
     s.fd_count().expect("count descriptors")
+}
+
+/// Once the client is gone the server idles: garbage left no thread
+/// spinning (a livelock is a hang that a register read does not show).
+fn idles(s: &ServerProcess) {
+    const WINDOW: Duration = Duration::from_millis(300);
+    let before = s.cpu_time_precise().expect("CPU time");
+    std::thread::sleep(WINDOW);
+    let used = s
+        .cpu_time_precise()
+        .expect("CPU time")
+        .saturating_sub(before);
+    assert!(
+        used < WINDOW / 5,
+        "the server used {used:?} of CPU in {WINDOW:?} with no client; log:\n{}",
+        s.log()
+    );
+}
+
+/// Map the first sparse-mmap area of `region` (a doorbell or notify page
+/// the server shares), as a client that offers it to the guest does.
+fn map_sparse_area(c: &mut Client, region: u32) -> SharedMemory {
+    let (info, fd) = c.region_info(region).expect("region info");
+    let area = info
+        .caps
+        .iter()
+        .find_map(|cap| match cap {
+            RegionCap::SparseMmap(areas) => areas.first().copied(),
+            _ => None,
+        })
+        .expect("a sparse-mmap area");
+    let fd = fd.expect("the area's descriptor");
+    SharedMemory::map_file(File::from(fd), info.offset + area.offset, area.size)
+        .expect("mmap the area")
 }
 
 mod nvme {
@@ -169,7 +205,12 @@ mod nvme {
 
     impl Host {
         pub fn new() -> Host {
-            let mut s = ServerProcess::start(vdevd(), "nvme", &["--size", "16M"], "debug")
+            Host::with_args(&[])
+        }
+
+        pub fn with_args(args: &[&str]) -> Host {
+            let args = [&["--size", "16M"], args].concat();
+            let mut s = ServerProcess::start(vdevd(), "nvme", &args, "debug")
                 .unwrap_or_else(|e| panic!("cannot start vdevd nvme: {e}"));
             let baseline = fds_with_a_client(&mut s);
             let mut c = ready(&s);
@@ -382,6 +423,7 @@ mod nvme {
             drop(c);
             let now = fds_with_a_client(&mut s);
             assert_eq!(now, baseline, "descriptors after the garbage");
+            idles(&s);
         }
     }
 
@@ -727,6 +769,86 @@ fn nvme_random_io_commands_and_pointers_outside_memory() {
     assert!(failed > TOTAL * 9 / 10, "{failed} of {TOTAL} failed");
     let csts = h.prompt("random I/O commands");
     assert_eq!(csts & (RDY | CFS), RDY, "no fatal status for bad commands");
+    // Pointers outside memory one kind at a time, with the exact status:
+    // a 12 KiB read (PRP1 and a PRP list), or 512 bytes through an SGL.
+    const LIST: u64 = 0x7000;
+    let entries: Vec<u8> = [HOLE, HOLE + 0x1000]
+        .iter()
+        .flat_map(|a| a.to_le_bytes())
+        .collect();
+    h.mem.write(LIST, &entries).expect("PRP list");
+    // An SGL segment whose only descriptor is a data block in the hole.
+    let mut seg = [0u8; 16];
+    seg[0..8].copy_from_slice(&HOLE.to_le_bytes());
+    seg[8..12].copy_from_slice(&512u32.to_le_bytes());
+    h.mem.write(LIST + 0x100, &seg).expect("SGL segment");
+    let cases: [(&str, u8, u32, u64, u64, u16); 6] = [
+        // (what, PSDT, NLB, DPTR low, DPTR high, status)
+        ("PRP1 in the hole", 0, 0, HOLE, 0, SC_DATA_TRANSFER),
+        (
+            "PRP list in the hole",
+            0,
+            23,
+            RAM + DATA,
+            HOLE,
+            SC_DATA_TRANSFER,
+        ),
+        (
+            "PRP list entries in the hole",
+            0,
+            23,
+            RAM + DATA,
+            RAM + LIST,
+            SC_DATA_TRANSFER,
+        ),
+        (
+            "PRP1 at an odd offset",
+            0,
+            0,
+            RAM + DATA + 1,
+            0,
+            SC_INVALID_PRP_OFFSET,
+        ),
+        (
+            "an SGL data block in the hole",
+            1,
+            0,
+            HOLE,
+            512,
+            SC_DATA_TRANSFER,
+        ),
+        (
+            "an SGL last segment whose data block is in the hole",
+            1,
+            0,
+            RAM + LIST + 0x100,
+            16 | (0x30 << 56),
+            SC_DATA_TRANSFER,
+        ),
+    ];
+    for (i, (what, psdt, nlb, d1, d2, want)) in cases.into_iter().enumerate() {
+        for opcode in [0x02u8, 0x01] {
+            let mut e = [0u8; 64];
+            e[0] = opcode;
+            e[1] = psdt << 6;
+            let cid = 0xe000 + (i as u16) * 2 + u16::from(opcode);
+            e[2..4].copy_from_slice(&cid.to_le_bytes());
+            e[4..8].copy_from_slice(&1u32.to_le_bytes());
+            e[24..32].copy_from_slice(&d1.to_le_bytes());
+            e[32..40].copy_from_slice(&d2.to_le_bytes());
+            e[48..52].copy_from_slice(&nlb.to_le_bytes());
+            h.put(&mut q, &e);
+            let tail = q.tail;
+            h.ring_sq(1, tail);
+            let c = h.reap(&mut q, 1)[0];
+            assert_eq!(c.cid, cid);
+            assert_eq!(
+                (c.sct(), c.sc()),
+                (0, want),
+                "{what}, opcode {opcode:#x}: {c:?}"
+            );
+        }
+    }
     // The queue still works: a flush succeeds.
     h.put(&mut q, &flush(0xf1));
     let tail = q.tail;
@@ -949,7 +1071,12 @@ mod vblk {
 
     impl Host {
         pub fn new() -> Host {
-            let mut s = ServerProcess::start(vdevd(), "virtio-blk", &["--size", "16M"], "debug")
+            Host::with_args(&[])
+        }
+
+        pub fn with_args(args: &[&str]) -> Host {
+            let args = [&["--size", "16M"], args].concat();
+            let mut s = ServerProcess::start(vdevd(), "virtio-blk", &args, "debug")
                 .unwrap_or_else(|e| panic!("cannot start vdevd virtio-blk: {e}"));
             let baseline = fds_with_a_client(&mut s);
             let mut c = ready(&s);
@@ -1210,6 +1337,7 @@ mod vblk {
             drop(c);
             let now = fds_with_a_client(&mut s);
             assert_eq!(now, baseline, "descriptors after the garbage");
+            idles(&s);
         }
     }
 }
@@ -1460,5 +1588,53 @@ fn virtio_blk_random_requests_and_notifications() {
         "random descriptor tables never broke the device"
     );
     h.reset_and_read("random descriptor tables");
+    h.finish();
+}
+
+/// `--doorbells mmap`: the doorbell page is shared memory the guest
+/// writes without a message. Random values in every doorbell, before the
+/// enable and while queues exist: no hang, and a reset recovers.
+#[test]
+fn nvme_garbage_in_the_mapped_doorbell_page() {
+    let mut h = Host::with_args(&["--doorbells", "mmap"]);
+    let page = map_sparse_area(&mut h.c, BAR0);
+    let mut rng = Rng(0xd0b);
+    let mut garbage = vec![0u8; 4096];
+    rng.fill(&mut garbage);
+    page.write(0, &garbage).expect("doorbell page");
+    assert_eq!(h.prompt("a page of garbage doorbells while disabled"), 0);
+    h.enable();
+    h.identify_works("a page of garbage doorbells while disabled");
+    let (c1, c2) = h.create_pair(1, RAM + IOSQ, RAM + IOCQ);
+    assert!(c1.ok() && c2.ok());
+    for _ in 0..20 {
+        rng.fill(&mut garbage);
+        page.write(0, &garbage).expect("doorbell page");
+        std::thread::sleep(Duration::from_millis(2));
+        h.prompt("a page of garbage doorbells");
+    }
+    h.reset_and_identify("a page of garbage doorbells");
+    h.finish();
+}
+
+/// `--kick poll`: the notify page is shared memory the server scans.
+/// Random values in it (every queue slot, queues that do not exist):
+/// no hang, and the device still reads.
+#[test]
+fn virtio_blk_garbage_in_the_mapped_notify_page() {
+    use vblk::*;
+    let mut h = Host::with_args(&["--kick", "poll"]);
+    let region = h.l.notify.region;
+    let page = map_sparse_area(&mut h.c, region);
+    let mut rng = Rng(0x90);
+    let mut garbage = vec![0u8; page.len() as usize];
+    for _ in 0..20 {
+        rng.fill(&mut garbage);
+        page.write(0, &garbage).expect("notify page");
+        std::thread::sleep(Duration::from_millis(2));
+        assert_eq!(h.prompt("a page of garbage notifications") & NEEDS_RESET, 0);
+    }
+    h.read_works("a page of garbage notifications");
+    h.reset_and_read("a page of garbage notifications");
     h.finish();
 }
