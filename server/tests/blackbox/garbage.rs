@@ -620,7 +620,7 @@ fn nvme_random_admin_commands() {
     const TOTAL: usize = 3200;
     const BATCH: usize = 16;
     let mut sent = 0usize;
-    let (mut failed, mut succeeded, mut aers) = (0usize, 0usize, 0usize);
+    let (mut failed, mut succeeded) = (0usize, 0usize);
     while sent < TOTAL {
         let mut p = std::mem::replace(&mut h.admin, Pair::new(0, RAM, ASQ, ACQ));
         let mut batch = Vec::new();
@@ -670,13 +670,9 @@ fn nvme_random_admin_commands() {
             } else {
                 failed += 1;
             }
-            if opcode == 0x0c {
-                aers += 1;
-            }
         }
         assert!(batch.is_empty(), "commands without completion: {batch:?}");
     }
-    assert_eq!(aers, 0);
     assert_eq!(failed + succeeded, TOTAL);
     assert!(failed > TOTAL * 9 / 10, "{failed} of {TOTAL} failed");
     let csts = h.prompt("random admin commands");
@@ -995,6 +991,9 @@ mod vblk {
 
     pub const F_NEXT: u16 = 1;
     pub const F_WRITE: u16 = 2;
+    pub const F_INDIRECT: u16 = 4;
+    /// VIRTIO_F_RING_INDIRECT_DESC.
+    pub const INDIRECT_DESC: u32 = 1 << 28;
 
     pub const T_IN: u32 = 0;
     pub const T_OUT: u32 = 1;
@@ -1065,6 +1064,8 @@ mod vblk {
         pub notify_off: u16,
         pub avail_idx: u16,
         pub used_seen: u16,
+        /// Feature bits 0-31 the driver accepts (VERSION_1 is always on).
+        pub low_features: u32,
         pub baseline: usize,
         _irqs: Vec<EventFd>,
     }
@@ -1095,6 +1096,7 @@ mod vblk {
                 notify_off: 0,
                 avail_idx: 0,
                 used_seen: 0,
+                low_features: 0,
                 baseline,
                 _irqs: irqs,
             };
@@ -1165,7 +1167,15 @@ mod vblk {
         /// Reset the device and bring queue 0 up the way a driver does:
         /// VERSION_1 only, a 16-entry split queue, no interrupts (the
         /// used ring is polled).
+        /// [`Host::init`], negotiating these feature bits (of the low 32)
+        /// as well from now on.
+        pub fn init_with(&mut self, low_features: u32) {
+            self.low_features = low_features;
+            self.init();
+        }
+
         pub fn init(&mut self) {
+            let low_features = self.low_features;
             self.w8(DEVICE_STATUS, 0);
             let t0 = Instant::now();
             while self.r8(DEVICE_STATUS) != 0 {
@@ -1175,8 +1185,11 @@ mod vblk {
             self.w8(DEVICE_STATUS, ACKNOWLEDGE | DRIVER);
             self.w32(DEVICE_FEATURE_SELECT, 1);
             assert_ne!(self.r32(DEVICE_FEATURE) & 1, 0, "VERSION_1 offered");
+            self.w32(DEVICE_FEATURE_SELECT, 0);
+            let offered = self.r32(DEVICE_FEATURE);
+            assert_eq!(offered & low_features, low_features, "features offered");
             self.w32(DRIVER_FEATURE_SELECT, 0);
-            self.w32(DRIVER_FEATURE, 0);
+            self.w32(DRIVER_FEATURE, low_features);
             self.w32(DRIVER_FEATURE_SELECT, 1);
             self.w32(DRIVER_FEATURE, 1);
             self.w8(DEVICE_STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK);
@@ -1569,10 +1582,9 @@ fn virtio_blk_random_requests_and_notifications() {
         }
         h.mem.write(DESC, &table).expect("table");
         let n = 1 + rng.below(8) as u16;
-        for k in 0..n {
+        for _ in 0..n {
             let head = rng.below(u64::from(QSIZE)) as u16;
             let idx = h.avail_idx.wrapping_add(1);
-            let _ = k;
             h.offer(head, idx);
         }
         h.kick();
@@ -1636,5 +1648,108 @@ fn virtio_blk_garbage_in_the_mapped_notify_page() {
     }
     h.read_works("a page of garbage notifications");
     h.reset_and_read("a page of garbage notifications");
+    h.finish();
+}
+
+/// Indirect descriptor tables (negotiated) that loop, nest, sit outside
+/// memory or claim absurd lengths: DEVICE_NEEDS_RESET or an error status,
+/// and a reset recovers.
+#[test]
+fn virtio_blk_broken_indirect_tables() {
+    use vblk::*;
+    let mut h = Host::new();
+    h.init_with(INDIRECT_DESC);
+    h.read_works("indirect descriptors negotiated");
+    const TABLE: u64 = 0x6000;
+    let put = |h: &Host, i: u64, addr: u64, len: u32, flags: u16, next: u16| {
+        let mut d = [0u8; 16];
+        d[0..8].copy_from_slice(&addr.to_le_bytes());
+        d[8..12].copy_from_slice(&len.to_le_bytes());
+        d[12..14].copy_from_slice(&flags.to_le_bytes());
+        d[14..16].copy_from_slice(&next.to_le_bytes());
+        h.mem
+            .write(TABLE + 16 * i, &d)
+            .expect("indirect descriptor");
+    };
+    // A working request through an indirect table first.
+    h.header(HEADER, T_IN, 1);
+    put(&h, 0, RAM + HEADER, 16, F_NEXT, 1);
+    put(&h, 1, RAM + DATA, 512, F_NEXT | F_WRITE, 2);
+    put(&h, 2, RAM + STATUS, 1, F_WRITE, 0);
+    h.mem.write(STATUS, &[0xff]).expect("status");
+    h.desc(0, RAM + TABLE, 48, F_INDIRECT, 0);
+    let idx = h.avail_idx.wrapping_add(1);
+    h.offer(0, idx);
+    h.kick();
+    assert!(h.wait_used(1, "an indirect request"));
+    assert_eq!(h.mem.read(STATUS, 1).expect("status")[0], S_OK);
+
+    // (what, table entries, the indirect descriptor's address and length)
+    type Entry = (u64, u32, u16, u16);
+    let request: [Entry; 3] = [
+        (RAM + HEADER, 16, F_NEXT, 1),
+        (RAM + DATA, 512, F_NEXT | F_WRITE, 2),
+        (RAM + STATUS, 1, F_WRITE, 0),
+    ];
+    let looping: [Entry; 2] = [(RAM + HEADER, 16, F_NEXT, 1), (RAM + DATA, 512, F_NEXT, 0)];
+    let nested: [Entry; 2] = [
+        (RAM + HEADER, 16, F_NEXT, 1),
+        (RAM + TABLE, 48, F_INDIRECT, 0),
+    ];
+    let past: [Entry; 2] = [(RAM + HEADER, 16, F_NEXT, 7), (RAM + STATUS, 1, F_WRITE, 0)];
+    let cases: [(&str, &[Entry], u64, u32); 8] = [
+        ("an indirect table that loops", &looping, RAM + TABLE, 32),
+        ("an indirect table in the hole", &[], HOLE, 48),
+        (
+            "an indirect table running past memory",
+            &[],
+            RAM + RAM_SIZE - 16,
+            48,
+        ),
+        (
+            "an indirect table of a length not a multiple of 16",
+            &request,
+            RAM + TABLE,
+            40,
+        ),
+        (
+            "an indirect table of 4 GiB",
+            &request,
+            RAM + TABLE,
+            0xffff_fff0,
+        ),
+        ("an empty indirect table", &[], RAM + TABLE, 0),
+        (
+            "an indirect descriptor in an indirect table",
+            &nested,
+            RAM + TABLE,
+            32,
+        ),
+        (
+            "a next index past the indirect table",
+            &past,
+            RAM + TABLE,
+            32,
+        ),
+    ];
+    for (what, entries, addr, len) in cases {
+        for (i, &(a, l, f, n)) in entries.iter().enumerate() {
+            put(&h, i as u64, a, l, f, n);
+        }
+        h.header(HEADER, T_IN, 1);
+        h.mem.write(STATUS, &[0xff]).expect("status");
+        h.desc(0, addr, len, F_INDIRECT, 0);
+        let idx = h.avail_idx.wrapping_add(1);
+        h.offer(0, idx);
+        h.kick();
+        if h.wait_used(1, what) {
+            let st = h.mem.read(STATUS, 1).expect("status")[0];
+            assert_eq!(st, S_IOERR, "{what}: used, so with an error status");
+            assert_eq!(h.prompt(what) & NEEDS_RESET, 0);
+            h.read_works(what);
+        } else {
+            h.expect_broken(what);
+        }
+    }
     h.finish();
 }
