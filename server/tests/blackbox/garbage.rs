@@ -62,9 +62,15 @@ fn fds_with_a_client(s: &mut ServerProcess) -> usize {
     s.fd_count().expect("count descriptors")
 }
 
-/// Once the client is gone the server idles: garbage left no thread
-/// spinning (a livelock is a hang that a register read does not show).
+/// No thread of the server panicked, and once the client is gone the
+/// server idles: garbage left no thread spinning (a livelock is a hang
+/// that a register read does not show).
 fn idles(s: &ServerProcess) {
+    let log = s.log();
+    assert!(
+        !log.contains("panicked"),
+        "a thread of the server panicked; log:\n{log}"
+    );
     const WINDOW: Duration = Duration::from_millis(300);
     let before = s.cpu_time_precise().expect("CPU time");
     std::thread::sleep(WINDOW);
@@ -1146,6 +1152,13 @@ mod vblk {
             self.c.write32(a.region, a.offset + off, v).expect("write");
         }
 
+        pub fn w_raw(&mut self, off: u64, data: &[u8]) {
+            let a = self.l.common;
+            self.c
+                .region_write(a.region, a.offset + off, data)
+                .expect("common config write");
+        }
+
         pub fn w64(&mut self, off: u64, v: u64) {
             self.w32(off, v as u32);
             self.w32(off + 4, (v >> 32) as u32);
@@ -1751,5 +1764,80 @@ fn virtio_blk_broken_indirect_tables() {
             h.expect_broken(what);
         }
     }
+    h.finish();
+}
+
+/// Random writes of every size to the register page (CC, AQA, ASQ, ACQ,
+/// INTMS, read-only registers, unaligned offsets), then a device reset
+/// (VFIO_USER_DEVICE_RESET) from a fatal state: the controller comes
+/// back at its power-on values and identifies.
+#[test]
+fn nvme_random_register_writes_and_a_device_reset() {
+    let mut h = Host::new();
+    h.enable();
+    let mut rng = Rng(0x4e9);
+    for _ in 0..2000 {
+        let len = [1usize, 2, 4, 8][rng.below(4) as usize];
+        let off = rng.below(0x40);
+        let v = rng.next().to_le_bytes();
+        h.c.region_write(BAR0, off, &v[..len])
+            .expect("register write");
+    }
+    h.prompt("random register writes");
+    h.disable();
+    h.enable();
+    h.identify_works("random register writes");
+    // Fatal status (an SQ in the hole), then a device reset.
+    let (c1, c2) = h.create_pair(1, HOLE, RAM + IOCQ);
+    assert!(c1.ok() && c2.ok());
+    h.ring_sq(1, 1);
+    h.wait_csts("CFS for an SQ outside memory", |v| v & CFS != 0);
+    h.c.reset().expect("DEVICE_RESET");
+    assert_eq!(h.prompt("a device reset"), 0, "power-on CSTS");
+    assert_eq!(h.c.read32(BAR0, CC).expect("CC"), 0, "power-on CC");
+    enable_bus_master(&mut h.c).expect("bus master");
+    h.enable();
+    h.identify_works("a device reset");
+    h.finish();
+}
+
+/// A driver writing random values of random sizes all over the common
+/// configuration (feature selects, status, queue select and registers,
+/// queue enable), then notifying: no hang, nothing used in the wrong
+/// place, and after a reset the device reads. A device reset
+/// (VFIO_USER_DEVICE_RESET) from the broken state works too.
+#[test]
+fn virtio_blk_random_common_config_writes_and_a_device_reset() {
+    use vblk::*;
+    let mut h = Host::new();
+    let mut rng = Rng(0xc0c);
+    for round in 0..10 {
+        for _ in 0..200 {
+            let len = [1usize, 2, 4][rng.below(3) as usize];
+            let off = rng.below(0x38);
+            let v = if off == QUEUE_DESC || off == QUEUE_DRIVER || off == QUEUE_DEVICE {
+                // Sometimes an address in RAM, so queues get enabled
+                // somewhere the device can reach.
+                (RAM + rng.below(RAM_SIZE)).to_le_bytes()
+            } else {
+                rng.next().to_le_bytes()
+            };
+            h.w_raw(off, &v[..len]);
+        }
+        let off = rng.below(64) as u16;
+        h.notify_queue(0, off);
+        h.prompt(&format!("random common config writes, round {round}"));
+    }
+    h.reset_and_read("random common config writes");
+    // Broken, then a device reset instead of a status write.
+    h.desc(0, RAM + HEADER, 16, F_NEXT, 0);
+    h.offer(0, h.avail_idx.wrapping_add(1));
+    h.kick();
+    assert!(!h.wait_used(1, "a loop"));
+    h.c.reset().expect("DEVICE_RESET");
+    assert_eq!(h.prompt("a device reset"), 0, "status after a device reset");
+    enable_bus_master(&mut h.c).expect("bus master");
+    h.init();
+    h.read_works("a device reset");
     h.finish();
 }
