@@ -247,7 +247,16 @@ pub fn apply_all(programs: &[BpfProgram]) -> Result<(), Error> {
 /// Install `program` on the calling thread (and the threads it starts
 /// from now on).
 pub fn apply(program: &BpfProgram) -> Result<(), Error> {
-    seccompiler::apply_filter(program).map_err(|e| Error::Config(format!("seccomp: {e}")))
+    seccompiler::apply_filter(program).map_err(|e| {
+        let hint = match &e {
+            seccompiler::Error::Seccomp(io) if io.raw_os_error() == Some(libc::ENOSYS) => {
+                " (this kernel has no seccomp filters, CONFIG_SECCOMP_FILTER: \
+                 run with --no-seccomp to serve without the sandbox)"
+            }
+            _ => "",
+        };
+        Error::Config(format!("seccomp: {e}{hint}"))
+    })
 }
 
 #[cfg(test)]
