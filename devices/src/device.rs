@@ -248,6 +248,15 @@ pub trait Device: Send {
     fn reset_domain(&self) -> Option<String> {
         None
     }
+
+    /// The device opens host devices and drives them with VFIO or iommufd
+    /// ioctls on the thread that serves it (when its first user opens it,
+    /// on region access, SET_IRQS and reset). The server's seccomp filter
+    /// for that thread then also allows opening files and ioctls of the
+    /// VFIO/iommufd type; for every other device it refuses both.
+    fn uses_host_vfio(&self) -> bool {
+        false
+    }
 }
 
 /// A device whose state can be saved and restored (vfio-user migration v2).

@@ -17,7 +17,10 @@
 
 use std::collections::BTreeMap;
 
-use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, SeccompRule, TargetArch};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
 
 use crate::error::Error;
 
@@ -150,13 +153,42 @@ fn open_calls() -> Vec<i64> {
     v
 }
 
+/// The ioctl type of VFIO and of iommufd (`VFIO_TYPE` and `IOMMUFD_TYPE`
+/// are both `';'`), in bits 8..16 of the request number.
+const VFIO_IOCTL_TYPE: u64 = b';' as u64;
+
+/// ioctl, allowed only for requests of the VFIO/iommufd type.
+fn vfio_ioctl_rule() -> Result<SeccompRule, Error> {
+    let cond = SeccompCondition::new(
+        1,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::MaskedEq(0xff00),
+        VFIO_IOCTL_TYPE << 8,
+    )
+    .and_then(|c| SeccompRule::new(vec![c]))
+    .map_err(|e| Error::Config(format!("seccomp filter: {e}")))?;
+    Ok(cond)
+}
+
 fn build(
     calls: Vec<i64>,
     mismatch: SeccompAction,
     matched: SeccompAction,
 ) -> Result<BpfProgram, Error> {
-    let rules: BTreeMap<i64, Vec<SeccompRule>> =
+    build_with(calls, Vec::new(), mismatch, matched)
+}
+
+/// `calls` match whatever their arguments; `ruled` only when one of their
+/// rules holds.
+fn build_with(
+    calls: Vec<i64>,
+    ruled: Vec<(i64, Vec<SeccompRule>)>,
+    mismatch: SeccompAction,
+    matched: SeccompAction,
+) -> Result<BpfProgram, Error> {
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
         calls.into_iter().map(|nr| (nr, Vec::new())).collect();
+    rules.extend(ruled);
     let filter = SeccompFilter::new(rules, mismatch, matched, target_arch()?)
         .map_err(|e| Error::Config(format!("seccomp filter: {e}")))?;
     BpfProgram::try_from(filter).map_err(|e| Error::Config(format!("seccomp filter: {e}")))
@@ -168,7 +200,15 @@ fn build(
 /// action to everything else; the kernel takes the stricter answer of the
 /// two. `recording`: traffic recording is on (`VDEVD_RECORD_DIR`), which
 /// creates files from the device thread; opening files is allowed then.
-pub fn device_thread_filters(mode: SeccompMode, recording: bool) -> Result<Vec<BpfProgram>, Error> {
+/// `host_vfio`: the device drives a host device through VFIO
+/// ([`vdevd_devices::Device::uses_host_vfio`]): opening files (the VFIO
+/// group, cdev and `/dev/iommu` when its first user opens it) and ioctls of
+/// the VFIO/iommufd type are allowed too; other ioctls stay refused.
+pub fn device_thread_filters(
+    mode: SeccompMode,
+    recording: bool,
+    host_vfio: bool,
+) -> Result<Vec<BpfProgram>, Error> {
     let mismatch = match mode {
         SeccompMode::Off => return Ok(Vec::new()),
         SeccompMode::Errno => SeccompAction::Errno(libc::EPERM as u32),
@@ -178,6 +218,8 @@ pub fn device_thread_filters(mode: SeccompMode, recording: bool) -> Result<Vec<B
     let mut programs = Vec::new();
     if recording {
         log::warn!("traffic recording is on: the device threads may open files");
+    } else if host_vfio {
+        log::debug!("a passthrough device thread may open files and make VFIO ioctls");
     } else {
         programs.push(build(
             open_calls(),
@@ -187,7 +229,12 @@ pub fn device_thread_filters(mode: SeccompMode, recording: bool) -> Result<Vec<B
     }
     let mut calls = allowed();
     calls.extend(open_calls());
-    programs.push(build(calls, mismatch, SeccompAction::Allow)?);
+    let ruled = if host_vfio {
+        vec![(libc::SYS_ioctl, vec![vfio_ioctl_rule()?])]
+    } else {
+        Vec::new()
+    };
+    programs.push(build_with(calls, ruled, mismatch, SeccompAction::Allow)?);
     Ok(programs)
 }
 
@@ -200,7 +247,16 @@ pub fn apply_all(programs: &[BpfProgram]) -> Result<(), Error> {
 /// Install `program` on the calling thread (and the threads it starts
 /// from now on).
 pub fn apply(program: &BpfProgram) -> Result<(), Error> {
-    seccompiler::apply_filter(program).map_err(|e| Error::Config(format!("seccomp: {e}")))
+    seccompiler::apply_filter(program).map_err(|e| {
+        let hint = match &e {
+            seccompiler::Error::Seccomp(io) if io.raw_os_error() == Some(libc::ENOSYS) => {
+                " (this kernel has no seccomp filters, CONFIG_SECCOMP_FILTER: \
+                 run with --no-seccomp to serve without the sandbox)"
+            }
+            _ => "",
+        };
+        Error::Config(format!("seccomp: {e}{hint}"))
+    })
 }
 
 #[cfg(test)]
@@ -212,7 +268,7 @@ mod tests {
     #[test]
     fn forbidden_calls_are_refused_and_allowed_ones_work() {
         let r = std::thread::spawn(|| {
-            apply_all(&device_thread_filters(SeccompMode::Errno, false).unwrap()).unwrap();
+            apply_all(&device_thread_filters(SeccompMode::Errno, false, false).unwrap()).unwrap();
             // SAFETY: socket takes no pointers.
             let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
             let sock_err = std::io::Error::last_os_error().raw_os_error();
@@ -248,7 +304,7 @@ mod tests {
     #[test]
     fn opening_a_file_is_refused_even_with_the_kill_action() {
         let r = std::thread::spawn(|| {
-            apply_all(&device_thread_filters(SeccompMode::Kill, false).unwrap()).unwrap();
+            apply_all(&device_thread_filters(SeccompMode::Kill, false, false).unwrap()).unwrap();
             let open = std::fs::File::open("/proc/sys/vm/overcommit_memory");
             let ev = vmm_sys_util::eventfd::EventFd::new(0).map(|_| ());
             (open.map_err(|e| e.raw_os_error()).err(), ev.is_ok())
@@ -262,13 +318,54 @@ mod tests {
     #[test]
     fn off_means_no_filter() {
         assert!(
-            device_thread_filters(SeccompMode::Off, false)
+            device_thread_filters(SeccompMode::Off, false, false)
                 .unwrap()
                 .is_empty()
         );
         for m in [SeccompMode::Errno, SeccompMode::Kill, SeccompMode::Log] {
-            assert_eq!(device_thread_filters(m, false).unwrap().len(), 2);
-            assert_eq!(device_thread_filters(m, true).unwrap().len(), 1);
+            assert_eq!(device_thread_filters(m, false, false).unwrap().len(), 2);
+            assert_eq!(device_thread_filters(m, true, false).unwrap().len(), 1);
+            assert_eq!(device_thread_filters(m, false, true).unwrap().len(), 1);
         }
+    }
+
+    /// An ioctl on /dev/null as a stand-in: the kernel answers ENOTTY for a
+    /// request the file does not know, EPERM means the filter refused it.
+    fn ioctl_errno(fd: &std::fs::File, request: u64) -> Option<i32> {
+        use std::os::fd::AsRawFd;
+        let mut arg = 0u64;
+        // SAFETY: `fd` is open; the argument points to 8 writable bytes,
+        // more than any of the requests used here reads or writes.
+        let r = unsafe { libc::ioctl(fd.as_raw_fd(), request as _, &mut arg) };
+        (r < 0).then(|| std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+    }
+
+    #[test]
+    fn a_passthrough_thread_may_open_files_and_make_vfio_ioctls_only() {
+        // VFIO_GET_API_VERSION is _IO(';', 100); FIONREAD is 0x541B ('T').
+        const VFIO_GET_API_VERSION: u64 = (VFIO_IOCTL_TYPE << 8) | 100;
+        const FIONREAD: u64 = 0x541B;
+        let run = |host_vfio: bool| {
+            // Neither request means anything to /dev/null: ENOTTY.
+            let f = std::fs::File::open("/dev/null").unwrap();
+            std::thread::spawn(move || {
+                apply_all(&device_thread_filters(SeccompMode::Errno, false, host_vfio).unwrap())
+                    .unwrap();
+                let vfio = ioctl_errno(&f, VFIO_GET_API_VERSION);
+                let other = ioctl_errno(&f, FIONREAD);
+                let open = std::fs::File::open("/proc/self/stat").map(|_| ());
+                (vfio, other, open.map_err(|e| e.raw_os_error()))
+            })
+            .join()
+            .unwrap()
+        };
+        let (vfio, other, open) = run(true);
+        assert_ne!(vfio, Some(libc::EPERM), "VFIO ioctl reached the kernel");
+        assert_eq!(other, Some(libc::EPERM), "other ioctls stay refused");
+        assert_eq!(open, Ok(()));
+        let (vfio, other, open) = run(false);
+        assert_eq!(vfio, Some(libc::EPERM));
+        assert_eq!(other, Some(libc::EPERM));
+        assert_eq!(open, Err(Some(libc::EPERM)));
     }
 }

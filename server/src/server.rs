@@ -241,7 +241,11 @@ impl DeviceServer {
         thread.register(thread.dev.messenger.wake_fd(), TOKEN_DMA, EventSet::IN)?;
         thread.listen(true)?;
         let recording = std::env::var_os(crate::record::RECORD_DIR_ENV).is_some();
-        let filters = crate::sandbox::device_thread_filters(thread.dev.options.seccomp, recording)?;
+        let filters = crate::sandbox::device_thread_filters(
+            thread.dev.options.seccomp,
+            recording,
+            thread.dev.device.uses_host_vfio(),
+        )?;
         let handle = std::thread::Builder::new()
             .name(format!("vdevd-{name}"))
             .spawn(move || {

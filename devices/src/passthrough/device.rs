@@ -424,6 +424,10 @@ impl Device for Passthrough {
         self.bus_reset_domain()
     }
 
+    fn uses_host_vfio(&self) -> bool {
+        true
+    }
+
     fn info(&self) -> DeviceInfo {
         match &self.probe {
             Some(p) => DeviceInfo {
