@@ -19,7 +19,7 @@ use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
 use vdevd_protocol::RegionCap;
-use vdevd_tests::sample::{BAR0, config_read, enable_bus_master, enable_msix};
+use vdevd_tests::sample::{BAR0, config_read, config_write, enable_bus_master, enable_msix};
 use vdevd_tests::{Client, EventFd, ServerProcess, SharedMemory};
 
 use crate::common::{EVENT_TIMEOUT, ready, vdevd};
@@ -1062,6 +1062,24 @@ mod vblk {
         }
     }
 
+    /// The config-space offset of the PCI configuration access capability.
+    pub fn pci_cfg_capability(c: &mut Client) -> u64 {
+        let mut pos = config_read(c, 0x34, 1).expect("capability pointer") & 0xfc;
+        for _ in 0..48 {
+            if pos == 0 {
+                break;
+            }
+            let p = u64::from(pos);
+            if config_read(c, p, 1).expect("id") == 0x09
+                && config_read(c, p + 3, 1).expect("cfg_type") == 5
+            {
+                return p;
+            }
+            pos = config_read(c, p + 1, 1).expect("next") & 0xfc;
+        }
+        panic!("no VIRTIO_PCI_CAP_PCI_CFG capability");
+    }
+
     pub struct Host {
         pub s: ServerProcess,
         pub c: Client,
@@ -1829,6 +1847,44 @@ fn virtio_blk_random_common_config_writes_and_a_device_reset() {
         h.prompt(&format!("random common config writes, round {round}"));
     }
     h.reset_and_read("random common config writes");
+    // The same through the PCI configuration access capability (virtio
+    // 1.2, 4.1.4.9): random BARs, offsets and lengths in the window, then
+    // accesses of random sizes to its data.
+    let cap = pci_cfg_capability(&mut h.c);
+    for _ in 0..500 {
+        let bar = if rng.below(4) == 0 {
+            rng.next() as u8
+        } else {
+            4
+        };
+        let offset = match rng.below(3) {
+            0 => rng.next() as u32,
+            1 => u32::MAX - rng.below(4) as u32,
+            _ => rng.below(0x4000) as u32,
+        };
+        let length = [1u32, 2, 4, rng.next() as u32][rng.below(4) as usize];
+        config_write(&mut h.c, cap + 4, u32::from(bar), 1).expect("bar");
+        config_write(&mut h.c, cap + 8, offset, 4).expect("offset");
+        config_write(&mut h.c, cap + 12, length, 4).expect("length");
+        let size = [1usize, 2, 4][rng.below(3) as usize];
+        let at = cap + 16 + rng.below(5 - size as u64);
+        if rng.below(2) == 0 {
+            config_write(&mut h.c, at, rng.next() as u32, size).expect("window write");
+        } else {
+            config_read(&mut h.c, at, size as u32).expect("window read");
+        }
+    }
+    h.prompt("random accesses through the PCI_CFG window");
+    h.reset_and_read("random accesses through the PCI_CFG window");
+    // The window is real: it reads the device status the BAR reads.
+    let common = h.l.common;
+    config_write(&mut h.c, cap + 4, common.region, 1).expect("bar");
+    config_write(&mut h.c, cap + 8, (common.offset + DEVICE_STATUS) as u32, 4).expect("offset");
+    config_write(&mut h.c, cap + 12, 1, 4).expect("length");
+    let through = config_read(&mut h.c, cap + 16, 1).expect("window read");
+    let status = h.r8(DEVICE_STATUS);
+    assert_eq!(status, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
+    assert_eq!(through, u32::from(status), "the status through the window");
     // Broken, then a device reset instead of a status write.
     h.desc(0, RAM + HEADER, 16, F_NEXT, 0);
     h.offer(0, h.avail_idx.wrapping_add(1));
