@@ -1897,3 +1897,65 @@ fn virtio_blk_random_common_config_writes_and_a_device_reset() {
     h.read_works("a device reset");
     h.finish();
 }
+
+/// Four I/O queue pairs on two worker threads, random entries in all of
+/// them and random doorbells in between (the controller's idea of each
+/// tail is whatever the garbage left): the admin queue keeps working,
+/// a CQ with an SQ on it cannot be deleted, every queue can be deleted,
+/// and a reset recovers.
+#[test]
+fn nvme_garbage_on_four_queues_and_their_deletion() {
+    let mut h = Host::with_args(&["--queues", "4", "--io-threads", "2"]);
+    h.enable();
+    let base = |q: u16| 0x1_0000 + u64::from(q) * 0x2000;
+    let mut pairs = Vec::new();
+    for q in 1..=4u16 {
+        let (c1, c2) = h.create_pair(q, RAM + base(q), RAM + base(q) + 0x1000);
+        assert!(c1.ok() && c2.ok(), "queue pair {q}: {c1:?} {c2:?}");
+        pairs.push(Pair::new(q, RAM, base(q), base(q) + 0x1000));
+    }
+    let mut rng = Rng(0x4444);
+    for _ in 0..20 {
+        for p in pairs.iter_mut() {
+            for _ in 0..8 {
+                let mut e = [0u8; 64];
+                rng.fill(&mut e);
+                h.put(p, &e);
+            }
+            let (qid, tail) = (p.qid, p.tail);
+            h.ring_sq(qid, tail);
+            let qid = 1 + rng.below(6) as u16;
+            let v = rng.below(u64::from(QSIZE) + 8) as u32;
+            if rng.below(2) == 0 {
+                h.ring_sq(qid, v);
+            } else {
+                h.ring_cq(qid, v);
+            }
+        }
+        h.prompt("random entries and doorbells on four queues");
+    }
+    h.identify_works("random entries and doorbells on four queues");
+    let delete = |op: u8, qid: u16| {
+        let mut e = [0u8; 64];
+        e[0] = op;
+        e[2..4].copy_from_slice(&(0x200 + u16::from(op) * 8 + qid).to_le_bytes());
+        e[40..44].copy_from_slice(&u32::from(qid).to_le_bytes());
+        e
+    };
+    // Delete I/O CQ (0x04) while its SQ exists: Invalid Queue Deletion
+    // (command specific status 0x0c).
+    let c = h.admin_cmd(&delete(0x04, 1));
+    assert_eq!((c.sct(), c.sc()), (1, 0x0c), "CQ 1 still has SQ 1: {c:?}");
+    for q in 1..=4u16 {
+        let c = h.admin_cmd(&delete(0x00, q));
+        assert!(c.ok(), "delete SQ {q}: {c:?}");
+        let c = h.admin_cmd(&delete(0x04, q));
+        assert!(c.ok(), "delete CQ {q}: {c:?}");
+    }
+    // Gone: deleting again is an invalid queue identifier (0x01).
+    let c = h.admin_cmd(&delete(0x00, 2));
+    assert_eq!((c.sct(), c.sc()), (1, 0x01), "SQ 2 is gone: {c:?}");
+    assert_eq!(h.prompt("queue deletion") & (RDY | CFS), RDY);
+    h.reset_and_identify("queue deletion after garbage");
+    h.finish();
+}
