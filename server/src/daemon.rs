@@ -98,8 +98,25 @@ fn banner(kind: &str, socket: &SocketSpec) -> String {
     }
 }
 
-/// Serve everything in `plan` until SIGTERM or SIGINT.
+/// Serve everything in `plan` until SIGTERM or SIGINT, every thread under
+/// seccomp once everything is open (unless the options turn it off).
 pub fn run(plan: Plan) -> Result<(), Error> {
+    run_with(plan, Sandbox::Process)
+}
+
+/// Where [`run_with`] installs seccomp filters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sandbox {
+    /// Every thread of the process, once everything is open (the vdevd
+    /// binary), and each device thread.
+    Process,
+    /// Device threads only: for running the daemon inside another program
+    /// (the unit tests), whose other threads must stay unfiltered.
+    DeviceThreads,
+}
+
+/// [`run`], choosing where the seccomp filters go.
+pub fn run_with(plan: Plan, sandbox: Sandbox) -> Result<(), Error> {
     let signals = Signals::block()?;
     let exited = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| Error::io("eventfd", e))?);
     // Open everything first, as whoever started us; then drop to --user;
@@ -201,13 +218,26 @@ pub fn run(plan: Plan) -> Result<(), Error> {
         }
         None => None,
     };
-    if let Some(c) = &credentials {
-        crate::privileges::drop_to(c)?;
-    }
+    // vhost-user servers open their image when they start: start them
+    // before privileges and the sandbox go, like the other devices' opens.
     for (kind, socket, listener, b) in vhost_pending {
         let server = (b.start)(listener, Some(exited.clone()))?;
         print_banner(&vhost_user_banner(kind, &socket, b.qemu_device, b.queues));
         vhost.push(server);
+    }
+    if let Some(c) = &credentials {
+        crate::privileges::drop_to(c)?;
+    }
+    // Everything is open and privileges are gone: from here on every
+    // thread, those devices already started included, runs under seccomp.
+    let host_vfio = opened.iter().any(|o| o.device.uses_host_vfio());
+    let recording = std::env::var_os(crate::record::RECORD_DIR_ENV).is_some();
+    if sandbox == Sandbox::Process {
+        crate::sandbox::apply_all_threads(&crate::sandbox::process_filters(
+            plan.options.seccomp,
+            recording,
+            host_vfio,
+        )?)?;
     }
     let mut servers: Vec<DeviceServer> = Vec::new();
     for o in opened {
@@ -375,7 +405,7 @@ mod tests {
                 clients.iter_mut().all(|c| c.closed())
             })
         };
-        run(plan).unwrap();
+        run_with(plan, Sandbox::DeviceThreads).unwrap();
         assert!(helper.join().unwrap(), "every client was disconnected");
         for p in &paths {
             assert!(!p.exists(), "{} was removed", p.display());
@@ -469,7 +499,7 @@ mod tests {
                 (sets, first, conflict, second)
             })
         };
-        run(plan).unwrap();
+        run_with(plan, Sandbox::DeviceThreads).unwrap();
         let (sets, first, conflict, second) = helper.join().unwrap();
         let set_of = |n: &str| {
             sets.iter()
@@ -513,7 +543,7 @@ mod tests {
             ],
             ctl_socket: None,
         };
-        let e = run(plan).unwrap_err();
+        let e = run_with(plan, Sandbox::DeviceThreads).unwrap_err();
         assert!(e.to_string().contains("no such backing file"), "{e}");
         assert!(!good.exists(), "the started device was stopped");
     }

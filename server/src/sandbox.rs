@@ -49,7 +49,9 @@ fn allowed() -> Vec<i64> {
         libc::SYS_recvfrom,
         libc::SYS_sendto,
         libc::SYS_getsockopt,
+        libc::SYS_setsockopt,
         libc::SYS_shutdown,
+        libc::SYS_epoll_create1,
         libc::SYS_epoll_ctl,
         libc::SYS_epoll_wait,
         libc::SYS_epoll_pwait,
@@ -99,6 +101,9 @@ fn allowed() -> Vec<i64> {
         libc::SYS_set_robust_list,
         libc::SYS_rseq,
         libc::SYS_prctl,
+        // adding filters only ever narrows what a thread may do; device
+        // threads add theirs under the process-wide one
+        libc::SYS_seccomp,
         libc::SYS_sched_getaffinity,
         libc::SYS_sched_yield,
         libc::SYS_gettid,
@@ -156,6 +161,13 @@ fn open_calls() -> Vec<i64> {
 /// The ioctl type of VFIO and of iommufd (`VFIO_TYPE` and `IOMMUFD_TYPE`
 /// are both `';'`), in bits 8..16 of the request number.
 const VFIO_IOCTL_TYPE: u64 = b';' as u64;
+
+/// ioctl FIONBIO: what `set_nonblocking` on a socket is made of.
+fn fionbio_rule() -> Result<SeccompRule, Error> {
+    SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, libc::FIONBIO)
+        .and_then(|c| SeccompRule::new(vec![c]))
+        .map_err(|e| Error::Config(format!("seccomp filter: {e}")))
+}
 
 /// ioctl, allowed only for requests of the VFIO/iommufd type.
 fn vfio_ioctl_rule() -> Result<SeccompRule, Error> {
@@ -229,13 +241,43 @@ pub fn device_thread_filters(
     }
     let mut calls = allowed();
     calls.extend(open_calls());
-    let ruled = if host_vfio {
-        vec![(libc::SYS_ioctl, vec![vfio_ioctl_rule()?])]
-    } else {
-        Vec::new()
-    };
-    programs.push(build_with(calls, ruled, mismatch, SeccompAction::Allow)?);
+    let mut ioctls = vec![fionbio_rule()?];
+    if host_vfio {
+        ioctls.push(vfio_ioctl_rule()?);
+    }
+    programs.push(build_with(
+        calls,
+        vec![(libc::SYS_ioctl, ioctls)],
+        mismatch,
+        SeccompAction::Allow,
+    )?);
     Ok(programs)
+}
+
+/// The filters for every thread of the process, installed at once (see
+/// [`apply_all_threads`]) when the daemon has opened everything and dropped
+/// its privileges, before the device threads start. They cover what the
+/// device-thread filters do not reach: threads devices started while they
+/// were built (NVMe queue threads, the sample device's DMA engine), the
+/// vhost-user threads, the control socket thread and the main thread. The
+/// list is the device threads' one (those threads do the same work);
+/// `host_vfio` when any device drives host VFIO. Device threads then add
+/// their own, possibly stricter, filters on top.
+pub fn process_filters(
+    mode: SeccompMode,
+    recording: bool,
+    host_vfio: bool,
+) -> Result<Vec<BpfProgram>, Error> {
+    device_thread_filters(mode, recording, host_vfio)
+}
+
+/// Install `programs`, in order, on every thread of the process (seccomp
+/// TSYNC) and on the threads they start.
+pub fn apply_all_threads(programs: &[BpfProgram]) -> Result<(), Error> {
+    programs.iter().try_for_each(|p| {
+        seccompiler::apply_filter_all_threads(p)
+            .map_err(|e| Error::Config(format!("seccomp (all threads): {e}")))
+    })
 }
 
 /// Install `programs` on the calling thread (and the threads it starts

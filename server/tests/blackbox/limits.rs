@@ -251,12 +251,15 @@ fn seccomp_mode(pid: u32, name: &str) -> Option<u32> {
 }
 
 #[test]
-fn the_device_thread_runs_under_seccomp_unless_turned_off() {
+fn every_thread_runs_under_seccomp_unless_turned_off() {
     let mut f = Fixture::new(&[]);
     let pid = f.server.pid();
     assert_eq!(seccomp_mode(pid, "vdevd-sample"), Some(2), "filter mode");
-    // The main thread (signals, start-up) has no filter.
-    assert_eq!(seccomp_mode(pid, "vdevd"), Some(0));
+    // Every other thread too: the main thread, and the sample device's DMA
+    // engine, started while the device was built.
+    let modes = seccomp_modes(pid);
+    assert!(modes.len() >= 3, "{modes:?}");
+    assert!(modes.iter().all(|(_, m)| *m == 2), "{modes:?}");
     // Everything a client does still works under the filter.
     {
         let (mut c, _) = f.served();
@@ -268,6 +271,25 @@ fn the_device_thread_runs_under_seccomp_unless_turned_off() {
     f.check_clean("a session under seccomp");
     let s = start(&["--no-seccomp"]);
     assert_eq!(seccomp_mode(s.pid(), "vdevd-sample"), Some(0));
+    let modes = seccomp_modes(s.pid());
+    assert!(modes.iter().all(|(_, m)| *m == 0), "{modes:?}");
+}
+
+/// The name and `Seccomp:` mode of every thread of `pid`.
+fn seccomp_modes(pid: u32) -> Vec<(String, u32)> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks") {
+        let t = t.expect("task").path();
+        let comm = std::fs::read_to_string(t.join("comm")).unwrap_or_default();
+        let status = std::fs::read_to_string(t.join("status")).unwrap_or_default();
+        let mode = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Seccomp:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(u32::MAX);
+        out.push((comm.trim().to_string(), mode));
+    }
+    out
 }
 
 /// The real, effective, saved and fs uids of every thread of `pid`.
