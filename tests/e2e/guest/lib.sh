@@ -134,3 +134,48 @@ wait_for() {
     _trace_on
     return 1
 }
+
+# --- block device checks shared by nvme.sh and virtio-blk.sh. They use DEV
+# (the device node), BYTES (its size), LBS (its logical block size),
+# SCRATCH (an offset the script may overwrite), E2E_SEED, and for messages
+# BLK_UNIT ("LBA", "sector") and BLK_WHAT ("namespace", "disk").
+
+# First and last block written and read back with O_DIRECT; a read past
+# the end returns nothing.
+check_lba_edges() {
+    last=$((BYTES / LBS - 1))
+    pattern "edge-$E2E_SEED" 0 1 "$LBS" >/tmp/first.bin
+    pattern "edge-$E2E_SEED" "$last" 1 "$LBS" >/tmp/last.bin
+    dd if=/tmp/first.bin of="$DEV" bs="$LBS" seek=0 oflag=direct conv=notrunc
+    dd if=/tmp/last.bin of="$DEV" bs="$LBS" seek="$last" oflag=direct conv=notrunc
+    dd if="$DEV" bs="$LBS" skip=0 count=1 iflag=direct | cmp - /tmp/first.bin ||
+        die "$BLK_UNIT 0 does not read back what was written"
+    dd if="$DEV" bs="$LBS" skip="$last" count=1 iflag=direct | cmp - /tmp/last.bin ||
+        die "last $BLK_UNIT $last does not read back what was written"
+    if dd if="$DEV" bs="$LBS" skip=$((last + 1)) count=1 iflag=direct 2>/dev/null | grep -q .; then
+        die "a read past the last $BLK_UNIT returned data"
+    fi
+}
+
+# Every 4 KiB carries a header with its own offset and a checksum, so a
+# misdirected, torn or dropped write is caught when fio reads it all back.
+check_pattern() {
+    fio --name=pattern --filename="$DEV" --direct=1 --ioengine=libaio --iodepth=8 \
+        --rw=write --bs=128k --size="$BYTES" --randseed="$E2E_SEED" \
+        --verify=crc32c --verify_interval=4096 --do_verify=1 --verify_fatal=1 \
+        --output=/tmp/fio-pattern.txt || {
+        cat /tmp/fio-pattern.txt
+        die "fio pattern write/verify over the whole $BLK_WHAT failed"
+    }
+    grep -E 'WRITE:|READ:' /tmp/fio-pattern.txt
+}
+
+# 1 MiB of pattern at SCRATCH, its first half discarded: the second half
+# must be untouched. Leaves the pattern in /tmp/scratch.bin.
+discard_keeps_neighbours() {
+    pattern "scratch-$E2E_SEED" 0 256 4096 >/tmp/scratch.bin
+    write_file_at /tmp/scratch.bin "$SCRATCH"
+    blkdiscard -v -o "$SCRATCH" -l $((512 * 1024)) "$DEV" || die "blkdiscard of 512 KiB at $SCRATCH failed"
+    expect_range $((SCRATCH + 512 * 1024)) $((512 * 1024)) /tmp/scratch.bin $((512 * 1024)) ||
+        die "discard changed data outside the discarded range"
+}

@@ -14,6 +14,8 @@
 
 MiB=1048576
 FS_MNT=/mnt
+# shellcheck disable=SC2034 # read by the block checks of lib.sh
+BLK_UNIT=LBA BLK_WHAT=namespace
 
 # nvme_locate: set CTRL, NS, DEV, LBS, BYTES for E2E_NVME_BDF (main shell).
 nvme_locate() {
@@ -68,42 +70,10 @@ check_identify() {
     [ $((nsze * LBS)) = "$BYTES" ] || die "Identify Namespace nsze=$nsze x $LBS != $BYTES bytes seen by the block layer"
 }
 
-check_lba_edges() {
-    last=$((BYTES / LBS - 1))
-    pattern "edge-$E2E_SEED" 0 1 "$LBS" >/tmp/first.bin
-    pattern "edge-$E2E_SEED" "$last" 1 "$LBS" >/tmp/last.bin
-    dd if=/tmp/first.bin of="$DEV" bs="$LBS" seek=0 oflag=direct conv=notrunc
-    dd if=/tmp/last.bin of="$DEV" bs="$LBS" seek="$last" oflag=direct conv=notrunc
-    dd if="$DEV" bs="$LBS" skip=0 count=1 iflag=direct | cmp - /tmp/first.bin || die "LBA 0 does not read back what was written"
-    dd if="$DEV" bs="$LBS" skip="$last" count=1 iflag=direct | cmp - /tmp/last.bin || die "last LBA $last does not read back what was written"
-    # Nothing past the end: a read of the LBA after the last must fail.
-    if dd if="$DEV" bs="$LBS" skip=$((last + 1)) count=1 iflag=direct 2>/dev/null | grep -q .; then
-        die "a read past the last LBA returned data"
-    fi
-}
-
-check_pattern() {
-    # Every 4 KiB carries a header with its own offset and a checksum, so a
-    # misdirected, torn or dropped write is caught when fio reads it all back.
-    fio --name=pattern --filename="$DEV" --direct=1 --ioengine=libaio --iodepth=8 \
-        --rw=write --bs=128k --size="$BYTES" --randseed="$E2E_SEED" \
-        --verify=crc32c --verify_interval=4096 --do_verify=1 --verify_fatal=1 \
-        --output=/tmp/fio-pattern.txt || {
-        cat /tmp/fio-pattern.txt
-        die "fio pattern write/verify over the whole namespace failed"
-    }
-    grep -E 'WRITE:|READ:' /tmp/fio-pattern.txt
-}
-
 check_discard() {
     q=/sys/block/$NS/queue
     [ "$(cat "$q/discard_max_bytes")" -gt 0 ] || die "the namespace does not advertise discard (Dataset Management)"
-    pattern "scratch-$E2E_SEED" 0 256 4096 >/tmp/scratch.bin
-    write_file_at /tmp/scratch.bin "$SCRATCH"
-    blkdiscard -v -o "$SCRATCH" -l $((512 * 1024)) "$DEV" || die "blkdiscard of 512 KiB at $SCRATCH failed"
-    # The half that was not discarded is untouched.
-    expect_range $((SCRATCH + 512 * 1024)) $((512 * 1024)) /tmp/scratch.bin $((512 * 1024)) ||
-        die "discard changed data outside the discarded range"
+    discard_keeps_neighbours
     # What a discarded range reads back is the device's choice, told in
     # Identify Namespace DLFEAT bits 2:0 (1 = zeroes).
     dlfeat=$(sed -n 's/.*"dlfeat"[^0-9]*\([0-9]*\).*/\1/p' /tmp/id-ns.json | head -n 1)

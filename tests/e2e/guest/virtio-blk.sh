@@ -15,6 +15,8 @@
 
 MiB=1048576
 FS_MNT=/mnt
+# shellcheck disable=SC2034 # read by the block checks of lib.sh
+BLK_UNIT=sector BLK_WHAT=disk
 
 # vblk_locate: set DISK, DEV, LBS, BYTES, SCRATCH, TAIL for E2E_VBLK_BDF.
 vblk_locate() {
@@ -75,38 +77,10 @@ check_queues() {
     [ "$wc" = "write back" ] || die "write cache is '$wc': flush (and CONFIG_WCE) not in use"
 }
 
-check_lba_edges() {
-    last=$((BYTES / LBS - 1))
-    pattern "edge-$E2E_SEED" 0 1 "$LBS" >/tmp/first.bin
-    pattern "edge-$E2E_SEED" "$last" 1 "$LBS" >/tmp/last.bin
-    dd if=/tmp/first.bin of="$DEV" bs="$LBS" seek=0 oflag=direct conv=notrunc
-    dd if=/tmp/last.bin of="$DEV" bs="$LBS" seek="$last" oflag=direct conv=notrunc
-    dd if="$DEV" bs="$LBS" skip=0 count=1 iflag=direct | cmp - /tmp/first.bin || die "sector 0 does not read back what was written"
-    dd if="$DEV" bs="$LBS" skip="$last" count=1 iflag=direct | cmp - /tmp/last.bin || die "last sector $last does not read back what was written"
-    if dd if="$DEV" bs="$LBS" skip=$((last + 1)) count=1 iflag=direct 2>/dev/null | grep -q .; then
-        die "a read past the last sector returned data"
-    fi
-}
-
-check_pattern() {
-    fio --name=pattern --filename="$DEV" --direct=1 --ioengine=libaio --iodepth=8 \
-        --rw=write --bs=128k --size="$BYTES" --randseed="$E2E_SEED" \
-        --verify=crc32c --verify_interval=4096 --do_verify=1 --verify_fatal=1 \
-        --output=/tmp/fio-pattern.txt || {
-        cat /tmp/fio-pattern.txt
-        die "fio pattern write/verify over the whole disk failed"
-    }
-    grep -E 'WRITE:|READ:' /tmp/fio-pattern.txt
-}
-
 check_discard() {
     q=/sys/block/$DISK/queue
     [ "$(cat "$q/discard_max_bytes")" -gt 0 ] || die "the disk does not advertise discard"
-    pattern "scratch-$E2E_SEED" 0 256 4096 >/tmp/scratch.bin
-    write_file_at /tmp/scratch.bin "$SCRATCH"
-    blkdiscard -v -o "$SCRATCH" -l $((512 * 1024)) "$DEV" || die "blkdiscard of 512 KiB at $SCRATCH failed"
-    expect_range $((SCRATCH + 512 * 1024)) $((512 * 1024)) /tmp/scratch.bin $((512 * 1024)) ||
-        die "discard changed data outside the discarded range"
+    discard_keeps_neighbours
 }
 
 check_write_zeroes() {
