@@ -230,12 +230,14 @@ pub fn run_with(plan: Plan, sandbox: Sandbox) -> Result<(), Error> {
     }
     // Everything is open and privileges are gone: from here on every
     // thread, those devices already started included, runs under seccomp.
-    let host_vfio = opened.iter().any(|o| o.device.uses_host_vfio());
-    let recording = std::env::var_os(crate::record::RECORD_DIR_ENV).is_some();
+    // The filter is the device threads' one (the workers, the vhost-user
+    // and control threads do the same kind of work), with VFIO opens and
+    // ioctls if any device needs them; device threads narrow it again.
     if sandbox == Sandbox::Process {
-        crate::sandbox::apply_all_threads(&crate::sandbox::process_filters(
+        let host_vfio = opened.iter().any(|o| o.device.uses_host_vfio());
+        crate::sandbox::apply_all_threads(&crate::sandbox::device_thread_filters(
             plan.options.seccomp,
-            recording,
+            crate::record::enabled(),
             host_vfio,
         )?)?;
     }

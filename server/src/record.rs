@@ -29,6 +29,11 @@ use std::path::{Path, PathBuf};
 /// The environment variable that turns recording on.
 pub const RECORD_DIR_ENV: &str = "VDEVD_RECORD_DIR";
 
+/// Whether traffic recording is on (`VDEVD_RECORD_DIR` is set).
+pub fn enabled() -> bool {
+    std::env::var_os(RECORD_DIR_ENV).is_some()
+}
+
 /// Most descriptors a record describes.
 pub const MAX_RECORD_FDS: usize = 3;
 

@@ -162,24 +162,16 @@ fn open_calls() -> Vec<i64> {
 /// are both `';'`), in bits 8..16 of the request number.
 const VFIO_IOCTL_TYPE: u64 = b';' as u64;
 
-/// ioctl FIONBIO: what `set_nonblocking` on a socket is made of.
-fn fionbio_rule() -> Result<SeccompRule, Error> {
-    SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, libc::FIONBIO)
-        .and_then(|c| SeccompRule::new(vec![c]))
-        .map_err(|e| Error::Config(format!("seccomp filter: {e}")))
-}
-
-/// ioctl, allowed only for requests of the VFIO/iommufd type.
-fn vfio_ioctl_rule() -> Result<SeccompRule, Error> {
-    let cond = SeccompCondition::new(
+/// ioctl, allowed only for requests whose number `& mask` is `value`.
+fn ioctl_rule(mask: u64, value: u64) -> Result<SeccompRule, Error> {
+    SeccompCondition::new(
         1,
         SeccompCmpArgLen::Dword,
-        SeccompCmpOp::MaskedEq(0xff00),
-        VFIO_IOCTL_TYPE << 8,
+        SeccompCmpOp::MaskedEq(mask),
+        value,
     )
     .and_then(|c| SeccompRule::new(vec![c]))
-    .map_err(|e| Error::Config(format!("seccomp filter: {e}")))?;
-    Ok(cond)
+    .map_err(|e| Error::Config(format!("seccomp filter: {e}")))
 }
 
 fn build(
@@ -241,9 +233,10 @@ pub fn device_thread_filters(
     }
     let mut calls = allowed();
     calls.extend(open_calls());
-    let mut ioctls = vec![fionbio_rule()?];
+    // FIONBIO is what `set_nonblocking` on a socket is made of.
+    let mut ioctls = vec![ioctl_rule(u64::from(u32::MAX), libc::FIONBIO)?];
     if host_vfio {
-        ioctls.push(vfio_ioctl_rule()?);
+        ioctls.push(ioctl_rule(0xff00, VFIO_IOCTL_TYPE << 8)?);
     }
     programs.push(build_with(
         calls,
@@ -252,23 +245,6 @@ pub fn device_thread_filters(
         SeccompAction::Allow,
     )?);
     Ok(programs)
-}
-
-/// The filters for every thread of the process, installed at once (see
-/// [`apply_all_threads`]) when the daemon has opened everything and dropped
-/// its privileges, before the device threads start. They cover what the
-/// device-thread filters do not reach: threads devices started while they
-/// were built (NVMe queue threads, the sample device's DMA engine), the
-/// vhost-user threads, the control socket thread and the main thread. The
-/// list is the device threads' one (those threads do the same work);
-/// `host_vfio` when any device drives host VFIO. Device threads then add
-/// their own, possibly stricter, filters on top.
-pub fn process_filters(
-    mode: SeccompMode,
-    recording: bool,
-    host_vfio: bool,
-) -> Result<Vec<BpfProgram>, Error> {
-    device_thread_filters(mode, recording, host_vfio)
 }
 
 /// Install `programs`, in order, on every thread of the process (seccomp

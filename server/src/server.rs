@@ -240,7 +240,7 @@ impl DeviceServer {
         thread.register(thread.ctl_wake.as_raw_fd(), TOKEN_CTL, EventSet::IN)?;
         thread.register(thread.dev.messenger.wake_fd(), TOKEN_DMA, EventSet::IN)?;
         thread.listen(true)?;
-        let recording = std::env::var_os(crate::record::RECORD_DIR_ENV).is_some();
+        let recording = crate::record::enabled();
         let filters = crate::sandbox::device_thread_filters(
             thread.dev.options.seccomp,
             recording,
