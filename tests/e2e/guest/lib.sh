@@ -179,3 +179,78 @@ discard_keeps_neighbours() {
     expect_range $((SCRATCH + 512 * 1024)) $((512 * 1024)) /tmp/scratch.bin $((512 * 1024)) ||
         die "discard changed data outside the discarded range"
 }
+
+# --- helpers and checks the NVMe and virtio-blk scripts share; DEV, SCRATCH,
+# TAIL, MiB, FS_MNT and the device-specific helpers come from those scripts.
+
+drop_caches() { sync && echo 3 >/proc/sys/vm/drop_caches; }
+
+# read_range OFF LEN: the bytes at OFF (O_DIRECT, 4 KiB units) on stdout.
+read_range() { dd if="$DEV" bs=4096 skip=$(($1 / 4096)) count=$(($2 / 4096)) iflag=direct 2>/dev/null; }
+
+# write_file_at FILE OFF: write FILE at byte OFF (O_DIRECT, 4 KiB units).
+write_file_at() { dd if="$1" of="$DEV" bs=4096 seek=$(($2 / 4096)) oflag=direct conv=notrunc 2>/dev/null; }
+
+# expect_range OFF LEN FILE [FOFF]: the device's LEN bytes at OFF equal FILE's at FOFF.
+expect_range() { read_range "$1" "$2" | cmp -n "$2" - "$3" 0 "${4:-0}"; }
+
+is_zero() { # is_zero OFF LEN
+    [ "$(read_range "$1" "$2" | sha256sum | cut -d' ' -f1)" = "$(head -c "$2" /dev/zero | sha256sum | cut -d' ' -f1)" ]
+}
+
+# write_files DIR TAG: files of assorted sizes with random content, and their
+# checksums appended to DIR/MANIFEST.
+write_files() {
+    for kib in 4 12 64 1024 3072; do
+        f=$2-$kib.bin
+        dd if=/dev/urandom of="$1/$f" bs=1024 count="$kib" 2>/dev/null
+        (cd "$1" && sha256sum "$f") >>"$1/MANIFEST"
+    done
+}
+
+verify_files() { # verify_files DIR: every file in MANIFEST reads back intact
+    drop_caches
+    (cd "$1" && sha256sum -c MANIFEST) || die "file contents differ from MANIFEST in $1"
+}
+
+fsck_clean() {
+    e2fsck -f -n "$DEV" || die "e2fsck -f -n reports problems (exit status $?)"
+}
+
+check_ext4() {
+    blocks=$((SCRATCH / 4096))
+    mkfs.ext4 -q -F -b 4096 -L vdevd-e2e "$DEV" "$blocks" || die "mkfs.ext4 failed"
+    mkdir -p "$FS_MNT"
+    mount -t ext4 "$DEV" "$FS_MNT" || die "mount of the new ext4 failed"
+    write_files "$FS_MNT" a
+    sync
+    umount "$FS_MNT" || die "umount failed"
+    fsck_clean
+    mount -t ext4 "$DEV" "$FS_MNT" || die "remount failed"
+    verify_files "$FS_MNT"
+    fstrim -v "$FS_MNT" || die "fstrim on the mounted ext4 failed"
+    verify_files "$FS_MNT"
+    umount "$FS_MNT"
+}
+
+# The state the host checks after power-off: the host-known tail pattern
+# and a hash of the whole namespace as the guest reads it (O_DIRECT).
+# shellcheck disable=SC2154 # MiB and TAIL come from the device script
+check_final_state() {
+    pattern "tail-$E2E_SEED" $((TAIL / 4096)) 256 4096 >/tmp/tail.bin
+    write_file_at /tmp/tail.bin "$TAIL"
+    sync
+    expect_range "$TAIL" "$MiB" /tmp/tail.bin || die "the tail pattern does not read back"
+    sum=$(dd if="$DEV" bs=1M iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)
+    info "device-sha256 $sum"
+}
+
+# A new VM after the kill: what was flushed before it is there, and the file
+# system is consistent once its journal is replayed.
+check_recover() {
+    mount -t ext4 "$DEV" "$FS_MNT" || die "mount after the kill failed"
+    (cd "$FS_MNT" && sha256sum -c flushed.sha256) || die "data flushed before the kill is not intact"
+    verify_files "$FS_MNT"
+    umount "$FS_MNT"
+    fsck_clean
+}

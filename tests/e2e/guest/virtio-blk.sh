@@ -29,15 +29,8 @@ vblk_locate() {
     LBS=$(cat "/sys/block/$DISK/queue/logical_block_size")
     BYTES=$(($(cat "/sys/block/$DISK/size") * 512))
     SCRATCH=$(((BYTES / MiB - 2) * MiB))
+    # shellcheck disable=SC2034 # read by check_final_state in lib.sh
     TAIL=$((BYTES - MiB))
-}
-
-drop_caches() { sync && echo 3 >/proc/sys/vm/drop_caches; }
-read_range() { dd if="$DEV" bs=4096 skip=$(($1 / 4096)) count=$(($2 / 4096)) iflag=direct 2>/dev/null; }
-write_file_at() { dd if="$1" of="$DEV" bs=4096 seek=$(($2 / 4096)) oflag=direct conv=notrunc 2>/dev/null; }
-expect_range() { read_range "$1" "$2" | cmp -n "$2" - "$3" 0 "${4:-0}"; }
-is_zero() {
-    [ "$(read_range "$1" "$2" | sha256sum | cut -d' ' -f1)" = "$(head -c "$2" /dev/zero | sha256sum | cut -d' ' -f1)" ]
 }
 
 check_bind() {
@@ -95,37 +88,6 @@ check_write_zeroes() {
         die "write-zeroes changed data after its range"
 }
 
-write_files() {
-    for kib in 4 12 64 1024 3072; do
-        f=$2-$kib.bin
-        dd if=/dev/urandom of="$1/$f" bs=1024 count="$kib" 2>/dev/null
-        (cd "$1" && sha256sum "$f") >>"$1/MANIFEST"
-    done
-}
-verify_files() {
-    drop_caches
-    (cd "$1" && sha256sum -c MANIFEST) || die "file contents differ from MANIFEST in $1"
-}
-fsck_clean() {
-    e2fsck -f -n "$DEV" || die "e2fsck -f -n reports problems (exit status $?)"
-}
-
-check_ext4() {
-    blocks=$((SCRATCH / 4096))
-    mkfs.ext4 -q -F -b 4096 -L vdevd-e2e "$DEV" "$blocks" || die "mkfs.ext4 failed"
-    mkdir -p "$FS_MNT"
-    mount -t ext4 "$DEV" "$FS_MNT" || die "mount of the new ext4 failed"
-    write_files "$FS_MNT" a
-    sync
-    umount "$FS_MNT" || die "umount failed"
-    fsck_clean
-    mount -t ext4 "$DEV" "$FS_MNT" || die "remount failed"
-    verify_files "$FS_MNT"
-    fstrim -v "$FS_MNT" || die "fstrim on the mounted ext4 failed"
-    verify_files "$FS_MNT"
-    umount "$FS_MNT"
-}
-
 disk_gone() { [ ! -e "/sys/block/$DISK" ]; }
 # Unbind and bind the virtio-pci driver: a device reset and a new
 # feature negotiation, then I/O.
@@ -141,15 +103,6 @@ check_rebind() {
     verify_files "$FS_MNT"
     umount "$FS_MNT"
     fsck_clean
-}
-
-check_final_state() {
-    pattern "tail-$E2E_SEED" $((TAIL / 4096)) 256 4096 >/tmp/tail.bin
-    write_file_at /tmp/tail.bin "$TAIL"
-    sync
-    expect_range "$TAIL" "$MiB" /tmp/tail.bin || die "the tail pattern does not read back"
-    sum=$(dd if="$DEV" bs=1M iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)
-    info "device-sha256 $sum"
 }
 
 phase_main() {
@@ -199,13 +152,6 @@ phase_crash() {
     sleep 3600
 }
 
-check_recover() {
-    mount -t ext4 "$DEV" "$FS_MNT" || die "mount after the kill failed"
-    (cd "$FS_MNT" && sha256sum -c flushed.sha256) || die "data flushed before the kill is not intact"
-    verify_files "$FS_MNT"
-    umount "$FS_MNT"
-    fsck_clean
-}
 phase_recover() {
     check bind check_bind || return 0
     vblk_locate || return 0
